@@ -1,0 +1,334 @@
+"""Loaders for a user's own clean data: an image folder, an `.npz`, or a folder of WAV files.
+
+The defender brings "some clean data" in whatever shape they have; these turn the common shapes
+into a TensorDataset (float inputs, int64 labels) with errors that say how to fix the input.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import TensorDataset
+
+from fineprune.data.speech import WavReadError, pack_waves, read_wav_int16
+from fineprune.data.types import make_dataset
+from fineprune.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+#: What torchvision's ImageFolder accepts, so folders prepared for it load the same here.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+WAV_EXTENSIONS = (".wav",)
+_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+
+
+def _visible(p: Path) -> bool:
+    return not p.name.startswith(".")
+
+
+def _files_under(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
+    """Files with these extensions below `folder` (recursively, like ImageFolder), sorted, no hidden."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and name.lower().endswith(extensions):
+                out.append(Path(dirpath) / name)
+    return out
+
+
+def _normalise_size(size: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if isinstance(size, int):
+        size = (size, size)
+    if len(size) != 2 or min(int(s) for s in size) < 1:
+        raise BadInputError(f"size must be (height, width) in pixels or one int, got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def load_image_folder(
+    path: str | os.PathLike[str],
+    size: int | tuple[int, int] | None = None,
+    mode: str | None = "RGB",
+) -> tuple[TensorDataset, list[str]]:
+    """ImageFolder layout (`path/<class>/**/<image>`): x (N,C,H,W) float in [0,1], labels by sorted
+    class name (torchvision's order, so indices match a model trained with ImageFolder).
+
+    Images are not resized unless `size` (H, W) is given, because silently resizing would change
+    what the model sees. `mode` "RGB" / "L" converts; None picks "L" if every image is greyscale,
+    else "RGB". Unreadable image files are skipped, logged, and counted in `dataset.skipped`.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise BadInputError(f"{root} is not a folder; expected one subfolder per class holding images")
+    if mode not in ("RGB", "L", None):
+        raise BadInputError(f"mode must be 'RGB', 'L' or None, got {mode!r}")
+    hw = _normalise_size(size)
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p))
+    if not class_dirs:
+        loose = _files_under(root, IMAGE_EXTENSIONS)
+        hint = f" ({len(loose)} images lie directly in it)" if loose else ""
+        raise BadInputError(
+            f"{root} has no class subfolders{hint}: put each class's images in its own subfolder "
+            "(path/<class name>/<image>), as for torchvision's ImageFolder."
+        )
+    class_names = [p.name for p in class_dirs]
+    images: list[Image.Image] = []
+    labels: list[int] = []
+    skipped: list[str] = []
+    for label, cdir in enumerate(class_dirs):
+        files = _files_under(cdir, IMAGE_EXTENSIONS)
+        if not files:
+            log.warning("class folder %s holds no images; class %d will have no samples", cdir, label)
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    im.load()
+                    images.append(im.copy() if im.mode != "P" else im.convert("RGBA"))
+                labels.append(label)
+            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+                log.warning("skipping unreadable image %s: %s", f, exc)
+                skipped.append(str(f))
+    if not images:
+        raise BadInputError(
+            f"no readable images in {root} (skipped {len(skipped)} unreadable files); "
+            f"expected {', '.join(IMAGE_EXTENSIONS)} files in class subfolders"
+        )
+    if mode is None:
+        mode = "L" if all(im.mode in _GREY_MODES for im in images) else "RGB"
+    if hw is None:
+        sizes = {im.size for im in images}
+        if len(sizes) > 1:
+            (w1, h1), (w2, h2) = sorted(sizes)[:2]
+            raise BadInputError(
+                f"images in {root} have {len(sizes)} different sizes (e.g. {h1}x{w1} and {h2}x{w2}, "
+                "HxW); pass size=(H, W) (the model's input size) to resize them all."
+            )
+    arrays = []
+    for im in images:
+        im = im.convert(mode)
+        if hw is not None and im.size != (hw[1], hw[0]):
+            im = im.resize((hw[1], hw[0]), Image.Resampling.BILINEAR)
+        a = np.asarray(im, dtype=np.uint8)
+        arrays.append(a[:, :, None] if a.ndim == 2 else a)
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+    if skipped:
+        log.warning("skipped %d unreadable image files in %s", len(skipped), root)
+    ds = make_dataset(x, torch.tensor(labels, dtype=torch.long))
+    ds.skipped = len(skipped)  # type: ignore[attr-defined]
+    return ds, class_names
+
+
+def _npz_x(x: np.ndarray, path: Path) -> torch.Tensor:
+    """Inputs as float32 channels-first; see load_npz for the accepted layouts."""
+    if x.ndim == 3 and x.shape[1] == 1:
+        pass  # (N, 1, L): waveforms, already channels-first
+    elif x.ndim == 3:
+        x = x[:, None]  # (N, H, W) grey
+    elif x.ndim == 4:
+        channel_like = (1, 3, 4)
+        if x.shape[3] in channel_like and x.shape[1] not in channel_like:
+            x = np.transpose(x, (0, 3, 1, 2))  # NHWC -> NCHW
+    else:
+        raise BadInputError(
+            f"{path}: x has shape {x.shape}; expected images (N,C,H,W), (N,H,W,C) or (N,H,W), "
+            "or waveforms (N,1,L)"
+        )
+    if x.dtype == np.uint8:
+        t = torch.from_numpy(np.ascontiguousarray(x)).float().div_(255.0)
+    elif x.dtype == np.int16:
+        t = torch.from_numpy(np.ascontiguousarray(x)).float().div_(32768.0)  # PCM audio
+    elif np.issubdtype(x.dtype, np.floating):
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if not torch.isfinite(t).all():
+            raise BadInputError(f"{path}: x contains NaN or infinite values; clean or drop those samples")
+    else:
+        raise BadInputError(
+            f"{path}: x has dtype {x.dtype}; save images as uint8 (0-255) or float (0-1), "
+            "audio as int16 PCM or float (-1..1)"
+        )
+    return t
+
+
+def _npz_y(y: np.ndarray, n: int, path: Path) -> torch.Tensor:
+    """Labels as int64, refusing anything that is not a non-negative integer per sample."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise BadInputError(
+            f"{path}: y has shape {y.shape}; expected one integer class label per sample, shape ({n},) "
+            "(one-hot labels: save y.argmax(1))"
+        )
+    if len(y) != n:
+        raise BadInputError(f"{path}: x has {n} samples but y has {len(y)} labels; they must match")
+    if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+        y = y.astype(np.int64)  # whole numbers saved as float are still class indices
+    if not np.issubdtype(y.dtype, np.integer):
+        raise BadInputError(
+            f"{path}: y has non-integer labels (dtype {y.dtype}); labels must be class indices 0..K-1"
+        )
+    if len(y) and y.min() < 0:
+        raise BadInputError(f"{path}: y has negative labels (min {y.min()}); labels must be class indices 0..K-1")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def _open_npz(path: str | os.PathLike[str]) -> tuple[Path, dict[str, np.ndarray]]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise BadInputError(f"{p} does not exist or is not a file; expected an .npz with arrays x and y")
+    try:
+        with np.load(p, allow_pickle=False) as npz:
+            if not isinstance(npz, np.lib.npyio.NpzFile):
+                raise BadInputError(f"{p} holds a single array, not an .npz archive; save with np.savez(path, x=..., y=...)")
+            return p, {k: npz[k] for k in npz.files}
+    except BadInputError:
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise BadInputError(
+                f"{p} contains object arrays, which would need pickle (unsafe, refused); "
+                "save plain numeric arrays: np.savez(path, x=x.astype(np.uint8 or float32), y=y.astype(int))"
+            ) from exc
+        raise BadInputError(f"cannot read {p} as .npz: {exc}") from exc
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise BadInputError(f"cannot read {p} as .npz ({exc}); save it with np.savez(path, x=..., y=...)") from exc
+
+
+def load_npz(path: str | os.PathLike[str]) -> TensorDataset:
+    """An `.npz` with arrays `x` and `y`, read without pickle.
+
+    x: (N,C,H,W) or (N,H,W,C) (channels-last is detected when the last dim is 1/3/4 and the second
+    is not), or (N,H,W) grey; (N,1,L) is taken as waveforms. uint8 is divided by 255, int16 by
+    32768, float kept as is (assumed already in [0,1] / [-1,1]). y: non-negative integer labels.
+    """
+    p, arrays = _open_npz(path)
+    missing = [k for k in ("x", "y") if k not in arrays]
+    if missing:
+        raise BadInputError(
+            f"{p} lacks array(s) {missing} (found {sorted(arrays)}); save inputs as x and labels as y: "
+            "np.savez(path, x=inputs, y=labels)"
+        )
+    x = arrays["x"]
+    if x.ndim == 0 or len(x) == 0:
+        raise BadInputError(f"{p}: x is empty; it needs at least one sample")
+    return make_dataset(_npz_x(x, p), _npz_y(arrays["y"], len(x), p))
+
+
+_WAV_LABEL = re.compile(r"^([^_]+)_.+\.wav$", re.IGNORECASE)
+
+
+def _label_order(names: set[str]) -> tuple[list[str], dict[str, int]]:
+    """Class names and label indices. All-integer names ("0".."9") keep their value as the label,
+    so `3_x.wav` is class 3 even when some digit is missing; other names are indexed sorted."""
+    if names and all(n.isdigit() for n in names):
+        top = max(int(n) for n in names)
+        return [str(i) for i in range(top + 1)], {n: int(n) for n in names}
+    ordered = sorted(names)
+    return ordered, {n: i for i, n in enumerate(ordered)}
+
+
+def load_wav_folder(
+    path: str | os.PathLike[str], length: int = 8192, sample_rate: int = 8000
+) -> tuple[TensorDataset, list[str]]:
+    """WAV files labelled by subfolder (`path/<label>/*.wav`) or by name prefix (`<label>_*.wav`,
+    FSDD style): x (N,1,length) in [-1,1] (centre crop / centre zero-pad), int64 labels.
+
+    Files at another sample rate are refused by name (no silent resampling); unreadable files are
+    skipped, logged and counted in `dataset.skipped`.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise BadInputError(f"{root} is not a folder of .wav files")
+    if int(length) < 1:
+        raise BadInputError(f"length must be a positive number of samples, got {length}")
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p) and _files_under(p, WAV_EXTENSIONS))
+    labelled: list[tuple[str, Path]] = []
+    if subdirs:
+        for d in subdirs:
+            labelled += [(d.name, f) for f in _files_under(d, WAV_EXTENSIONS)]
+    else:
+        files = [f for f in sorted(root.iterdir()) if f.is_file() and _visible(f) and f.suffix.lower() == ".wav"]
+        unlabelled = [f.name for f in files if not _WAV_LABEL.match(f.name)]
+        if unlabelled or not files:
+            raise BadInputError(
+                f"{root}: cannot tell the labels of its wav files (e.g. {unlabelled[:3] or 'none found'}); "
+                "put them in one subfolder per label, or name them <label>_<anything>.wav"
+            )
+        labelled = [(_WAV_LABEL.match(f.name).group(1), f) for f in files]  # type: ignore[union-attr]
+    class_names, index = _label_order({name for name, _ in labelled})
+    waves, labels, skipped = [], [], []
+    for name, f in labelled:
+        try:
+            waves.append(read_wav_int16(f.read_bytes(), str(f), sample_rate))
+            labels.append(index[name])
+        except WavReadError as exc:
+            log.warning("skipping %s", exc)
+            skipped.append(str(f))
+    if not waves:
+        raise BadInputError(f"no readable PCM .wav files in {root} ({len(skipped)} unreadable)")
+    if skipped:
+        log.warning("skipped %d unreadable wav files in %s", len(skipped), root)
+    ds = make_dataset(pack_waves(waves, int(length)), torch.tensor(labels, dtype=torch.long))
+    ds.skipped = len(skipped)  # type: ignore[attr-defined]
+    return ds, class_names
+
+
+def _folder_kind(root: Path) -> str:
+    has_img = has_wav = False
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            low = name.lower()
+            has_img = has_img or low.endswith(IMAGE_EXTENSIONS)
+            has_wav = has_wav or low.endswith(WAV_EXTENSIONS)
+        if has_img and has_wav:
+            raise BadInputError(f"{root} mixes images and .wav files; point to a folder holding only one kind")
+    if has_img:
+        return "images"
+    if has_wav:
+        return "wavs"
+    raise BadInputError(
+        f"{root} holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no .wav files; "
+        "expected class subfolders of images, wav files, or an .npz file"
+    )
+
+
+_IMAGE_OPTS = ("size", "mode")
+_WAV_OPTS = ("length", "sample_rate")
+
+
+def load_data(path: str | os.PathLike[str], **opts: Any) -> tuple[TensorDataset, list[str]]:
+    """Load clean data from whatever `path` is: an `.npz`, a folder of images, or of wavs.
+
+    Options that do not apply to the kind found (e.g. `length` for images) are ignored, so one
+    command line can carry both; options no loader knows raise TypeError; None means "default".
+    For an `.npz`, class names come from an optional `class_names` array, else "0".."K-1".
+    """
+    unknown = set(opts) - set(_IMAGE_OPTS) - set(_WAV_OPTS)
+    if unknown:
+        raise TypeError(f"unknown data option(s): {sorted(unknown)}")
+    opts = {k: v for k, v in opts.items() if v is not None}
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix.lower() == ".npz":
+        ds = load_npz(p)
+        _, arrays = _open_npz(p)
+        names = arrays.get("class_names")
+        k = int(ds.tensors[1].max()) + 1
+        if names is not None and names.ndim == 1 and len(names) >= k:
+            return ds, [str(n) for n in names]
+        return ds, [str(i) for i in range(k)]
+    if p.is_dir():
+        if _folder_kind(p) == "images":
+            return load_image_folder(p, **{k: opts[k] for k in _IMAGE_OPTS if k in opts})
+        return load_wav_folder(p, **{k: opts[k] for k in _WAV_OPTS if k in opts})
+    if not p.exists():
+        raise BadInputError(f"{p} does not exist; pass an .npz file or a folder of images or wav files")
+    raise BadInputError(f"{p} is not an .npz file or a folder; save the data with np.savez(path, x=..., y=...)")

@@ -1,0 +1,48 @@
+"""Seeded, stratified splits: every class is represented in every part in proportion."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def stratified_split(
+    y: torch.Tensor, fractions: Sequence[float], seed: int = 0
+) -> list[torch.Tensor]:
+    """Split indices of `y` into parts with the given fractions (summing to 1), per class.
+
+    Each class's indices are shuffled with `seed` and cut at the rounded cumulative fractions,
+    so the parts are disjoint, cover everything, and keep the class balance.
+    """
+    if abs(sum(fractions) - 1.0) > 1e-6 or any(f < 0 for f in fractions):
+        raise ValueError(f"fractions must be non-negative and sum to 1, got {list(fractions)}")
+    g = torch.Generator().manual_seed(seed)
+    parts: list[list[torch.Tensor]] = [[] for _ in fractions]
+    for c in torch.unique(y).tolist():
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        bounds = [0]
+        acc = 0.0
+        for f in fractions:
+            acc += f
+            bounds.append(int(round(acc * len(idx))))
+        for p in range(len(fractions)):
+            parts[p].append(idx[bounds[p] : bounds[p + 1]])
+    return [torch.sort(torch.cat(p)).values if p else torch.empty(0, dtype=torch.long) for p in parts]
+
+
+def group_split(
+    groups: torch.Tensor, y: torch.Tensor, fractions: Sequence[float], seed: int = 0
+) -> list[torch.Tensor]:
+    """Split by group (e.g. a GTSRB track) so near-duplicates never straddle parts; stratified by
+    the group's label."""
+    uniq, inverse = torch.unique(groups, return_inverse=True)
+    group_label = torch.zeros(len(uniq), dtype=torch.long)
+    group_label[inverse] = y
+    group_parts = stratified_split(group_label, fractions, seed)
+    out = []
+    for gp in group_parts:
+        member = torch.zeros(len(uniq), dtype=torch.bool)
+        member[gp] = True
+        out.append(torch.nonzero(member[inverse]).flatten())
+    return out

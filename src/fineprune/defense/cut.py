@@ -1,0 +1,95 @@
+"""Cut a network at the pruned layer's output so the part before it runs once.
+
+With torch.fx the model becomes a graph; the chosen module is kept as one node `h`. Everything that
+depends on `h` is the *head*; the values computed before the cut that the head needs (always `h`,
+sometimes skip connections) are the *boundary*. `pre(x)` returns the boundary, `head(*boundary)`
+finishes the forward pass, so `head(*pre(x)) == model(x)` and a masked `h` can be fed to the head
+again and again without recomputing the expensive front of the network.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, leaf: str) -> None:
+        super().__init__()
+        self.leaf = leaf
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname == self.leaf or super().is_leaf_module(m, qualname)
+
+
+@dataclass
+class NetworkCut:
+    """`pre(x) -> boundary tuple` (h first) and `head(*boundary) -> logits`."""
+
+    pre: fx.GraphModule
+    head: fx.GraphModule
+    num_boundary: int
+
+
+def cut_at(model: nn.Module, layer: str) -> NetworkCut:
+    """Split `model` at the output of module `layer`; raises if the model cannot be traced."""
+    graph = _LeafTracer(layer).trace(model)
+    h_nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
+    if len(h_nodes) != 1:
+        raise ValueError(f"layer {layer!r} appears {len(h_nodes)} times in the traced graph")
+    h = h_nodes[0]
+    nodes = list(graph.nodes)
+
+    # Which nodes depend on the input (placeholders) and which on h.
+    from_input: set[fx.Node] = set()
+    after_h: set[fx.Node] = set()
+    for n in nodes:
+        deps = n.all_input_nodes
+        if n.op == "placeholder" or any(d in from_input for d in deps):
+            from_input.add(n)
+        if any(d is h or d in after_h for d in deps):
+            after_h.add(n)
+    output = next(n for n in nodes if n.op == "output")
+    if output not in after_h:
+        raise ValueError(f"the model's output does not depend on layer {layer!r}")
+
+    boundary = [h] + [
+        n for n in nodes
+        if n is not h and n not in after_h and n in from_input
+        and any(u in after_h for u in n.users)
+    ]
+
+    # Front: everything not after h, returning the boundary values.
+    pre_graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in nodes:
+        if n in after_h or n.op == "output":
+            continue
+        env[n] = pre_graph.node_copy(n, lambda a: env[a])
+    pre_graph.output(tuple(env[b] for b in boundary))
+
+    # Head: boundary values as inputs, then what follows h (constants copied as needed).
+    head_graph = fx.Graph()
+    henv: dict[fx.Node, fx.Node] = {}
+    for i, b in enumerate(boundary):
+        henv[b] = head_graph.placeholder(f"boundary_{i}")
+
+    def copy_needed(n: fx.Node) -> fx.Node:
+        if n not in henv:
+            for d in n.all_input_nodes:
+                copy_needed(d)
+            henv[n] = head_graph.node_copy(n, lambda a: henv[a])
+        return henv[n]
+
+    for n in nodes:
+        if n in after_h:
+            for d in n.all_input_nodes:
+                copy_needed(d)
+            henv[n] = head_graph.node_copy(n, lambda a: henv[a])
+    pre = fx.GraphModule(model, pre_graph)
+    head = fx.GraphModule(model, head_graph)
+    for gm in (pre, head):
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return NetworkCut(pre=pre, head=head, num_boundary=len(boundary))

@@ -1,0 +1,141 @@
+"""A plain, fast training loop shared by the attacker's training and the defender's fine-tuning."""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from tqdm.auto import tqdm
+
+from .data.types import tensors
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser settings. `optimizer` is "sgd" (with momentum) or "adam"."""
+
+    epochs: int = 10
+    lr: float = 0.01
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # "cosine" (anneal to 0 over the run) or "constant"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    val_acc: float | None = None
+    asr: float | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class TrainHistory:
+    epochs: list[EpochRecord] = field(default_factory=list)
+    best_epoch: int | None = None
+    seconds: float = 0.0
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer must be 'sgd' or 'adam', not {cfg.optimizer!r}")
+
+
+def batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled mini-batches by index slicing (much cheaper than a DataLoader for in-memory tensors)."""
+    n = x.shape[0]
+    perm = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for i in range(0, n, batch_size):
+        idx = perm[i : i + batch_size]
+        yield x[idx], y[idx]
+
+
+def train_one_epoch(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
+    batch_size: int, generator: torch.Generator, device: torch.device,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> float:
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    total, count = 0.0, 0
+    for xb, yb in batches(x, y, batch_size, generator):
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(xb), yb)
+        loss.backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        total += float(loss.detach()) * xb.shape[0]
+        count += xb.shape[0]
+    model.eval()
+    return total / max(count, 1)
+
+
+def train(
+    model: nn.Module,
+    data: TensorDataset,
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    seed: int = 0,
+    val_fn: Callable[[nn.Module], float] | None = None,
+    extra_fn: Callable[[nn.Module], float] | None = None,
+    keep_best: bool = False,
+    progress: bool = False,
+    desc: str = "train",
+) -> TrainHistory:
+    """Train `model` in place. With `keep_best`, the weights of the epoch with the best `val_fn`
+    score are restored at the end (ties go to the later epoch: more training, same validation)."""
+    if cfg.epochs < 0:
+        raise ValueError("epochs must be >= 0")
+    x, y = tensors(data)
+    if x.shape[0] == 0:
+        raise ValueError("cannot train on an empty dataset")
+    model.to(device)
+    opt = make_optimizer(model, cfg)
+    steps = cfg.epochs * ((x.shape[0] + cfg.batch_size - 1) // cfg.batch_size)
+    if cfg.schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant', not {cfg.schedule!r}")
+    sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+        if steps and cfg.schedule == "cosine" else None
+    )
+    gen = torch.Generator().manual_seed(seed)
+    hist = TrainHistory()
+    best_score, best_state = None, None
+    t_start = time.perf_counter()
+    for epoch in tqdm(range(1, cfg.epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False):
+        t0 = time.perf_counter()
+        loss = train_one_epoch(model, x, y, opt, cfg.batch_size, gen, device, sched)
+        rec = EpochRecord(epoch=epoch, train_loss=loss)
+        if val_fn is not None:
+            rec.val_acc = val_fn(model)
+        if extra_fn is not None:
+            rec.asr = extra_fn(model)
+        rec.seconds = time.perf_counter() - t0
+        hist.epochs.append(rec)
+        if keep_best and rec.val_acc is not None and (best_score is None or rec.val_acc >= best_score):
+            best_score, hist.best_epoch = rec.val_acc, epoch
+            best_state = copy.deepcopy(model.state_dict())
+    if keep_best and best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    hist.seconds = time.perf_counter() - t_start
+    return hist
