@@ -107,15 +107,15 @@ def load_faces(
         lambda: _decode(source, size),
         cache_dir,
     )
-    seconds = time.perf_counter() - t0
-    x = torch.from_numpy(arrays["x"]).unsqueeze(1).float().div_(255.0)
+    x = torch.from_numpy(arrays["x"]).unsqueeze(1)
     y = torch.from_numpy(arrays["y"]).long()
     class_names = [str(c) for c in arrays["class_names"]]
     try:
         parts = stratified_split(y, fractions, seed)
     except ValueError as exc:
         raise BadInputError(f"bad split fractions for faces: {exc}") from exc
-    train, val, test = (make_dataset(x[i], y[i]) for i in parts)
+    train, val, test = (make_dataset(x[i].float().div_(255.0), y[i]) for i in parts)
+    seconds = time.perf_counter() - t0
     band = (EYE_BAND[0], EYE_BAND[1])
     info = {
         "source": str(source.path),

@@ -92,7 +92,7 @@ def load_image_folder(
             try:
                 with Image.open(f) as im:
                     im.load()
-                    images.append(im.copy() if im.mode != "P" else im.convert("RGBA"))
+                    images.append(im.copy())
                 labels.append(label)
             except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
                 log.warning("skipping unreadable image %s: %s", f, exc)
@@ -210,6 +210,10 @@ def load_npz(path: str | os.PathLike[str]) -> TensorDataset:
     32768, float kept as is (assumed already in [0,1] / [-1,1]). y: non-negative integer labels.
     """
     p, arrays = _open_npz(path)
+    return _npz_dataset(p, arrays)
+
+
+def _npz_dataset(p: Path, arrays: dict[str, np.ndarray]) -> TensorDataset:
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise BadInputError(
@@ -318,8 +322,8 @@ def load_data(path: str | os.PathLike[str], **opts: Any) -> tuple[TensorDataset,
     opts = {k: v for k, v in opts.items() if v is not None}
     p = Path(path).expanduser()
     if p.is_file() and p.suffix.lower() == ".npz":
-        ds = load_npz(p)
         _, arrays = _open_npz(p)
+        ds = _npz_dataset(p, arrays)
         names = arrays.get("class_names")
         k = int(ds.tensors[1].max()) + 1
         if names is not None and names.ndim == 1 and len(names) >= k:

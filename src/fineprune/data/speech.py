@@ -153,13 +153,16 @@ def load_speech(
     offsets, samples = arrays["offsets"], arrays["samples"]
     waves = [samples[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
     x = pack_waves(waves, length)
-    seconds = time.perf_counter() - t0
     y = torch.from_numpy(arrays["y"]).long()
     is_test = torch.from_numpy(np.isin(arrays["index"], list(TEST_INDICES)))
     test_idx = torch.nonzero(is_test).flatten()
     rest_idx = torch.nonzero(~is_test).flatten()
     train_part, val_part = stratified_split(y[rest_idx], (1.0 - val_fraction, val_fraction), seed)
     train_idx, val_idx = rest_idx[train_part], rest_idx[val_part]
+    train = make_dataset(x[train_idx], y[train_idx])
+    val = make_dataset(x[val_idx], y[val_idx])
+    test = make_dataset(x[test_idx], y[test_idx])
+    seconds = time.perf_counter() - t0
     info = {
         "sample_rate": SAMPLE_RATE,
         "length": length,
@@ -173,9 +176,9 @@ def load_speech(
     }
     return TaskData(
         name="speech",
-        train=make_dataset(x[train_idx], y[train_idx]),
-        val=make_dataset(x[val_idx], y[val_idx]),
-        test=make_dataset(x[test_idx], y[test_idx]),
+        train=train,
+        val=val,
+        test=test,
         num_classes=10,
         class_names=[str(d) for d in range(10)],
         input_kind="audio",

@@ -106,9 +106,13 @@ def _decode(source: Source) -> dict[str, np.ndarray]:
     }
 
 
-def _to_float(x: np.ndarray) -> torch.Tensor:
-    """(N,H,W,3) uint8 -> (N,3,H,W) float32 in [0,1], contiguous."""
-    return torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+def _channels_first(x: np.ndarray) -> torch.Tensor:
+    """(N,H,W,3) -> (N,3,H,W) uint8, contiguous (permuting uint8 is 3x cheaper than float)."""
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+
+
+def _to_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255.0)
 
 
 def load_traffic(
@@ -131,12 +135,14 @@ def load_traffic(
     arrays, path, hit = cached_arrays(
         "traffic", source.fingerprint(_select), {"size": SIZE}, lambda: _decode(source), cache_dir
     )
-    x_all = _to_float(arrays["x_train"])
-    x_test = _to_float(arrays["x_test"])
-    seconds = time.perf_counter() - t0
+    x_all = _channels_first(arrays["x_train"])
     y_all = torch.from_numpy(arrays["y_train"]).long()
     groups = torch.from_numpy(arrays["track"]).long()
     train_idx, val_idx = group_split(groups, y_all, (1.0 - val_fraction, val_fraction), seed)
+    train = make_dataset(_to_float(x_all[train_idx]), y_all[train_idx])
+    val = make_dataset(_to_float(x_all[val_idx]), y_all[val_idx])
+    test = make_dataset(_to_float(_channels_first(arrays["x_test"])), torch.from_numpy(arrays["y_test"]).long())
+    seconds = time.perf_counter() - t0
     num_classes = max(NUM_CLASSES, int(y_all.max()) + 1, int(arrays["y_test"].max()) + 1)
     info = {
         "source": str(source.path),
@@ -150,9 +156,9 @@ def load_traffic(
     }
     return TaskData(
         name="traffic",
-        train=make_dataset(x_all[train_idx], y_all[train_idx]),
-        val=make_dataset(x_all[val_idx], y_all[val_idx]),
-        test=make_dataset(x_test, torch.from_numpy(arrays["y_test"]).long()),
+        train=train,
+        val=val,
+        test=test,
         num_classes=num_classes,
         class_names=[f"{c:05d}" for c in range(num_classes)],
         input_kind="image",

@@ -1,0 +1,73 @@
+"""The `fineprune` command line. Each subcommand lives in its own module; this file only routes.
+
+Exit codes: 0 done; 2 bad input (one line saying what and how to fix it); 1 unexpected error.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from .errors import BadInputError
+
+Command = Callable[[argparse.Namespace], int]
+_COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command]] = {}
+
+
+def command(name: str, add_args: Callable[[argparse.ArgumentParser], None]):
+    """Register a subcommand: `add_args` declares its flags, the decorated function runs it."""
+
+    def deco(fn: Command) -> Command:
+        _COMMANDS[name] = (add_args, fn)
+        return fn
+
+    return deco
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 already; keep it to one line
+        self.print_usage(sys.stderr)
+        raise SystemExit(f"fineprune: error: {message}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import commands  # noqa: F401  (registers the subcommands)
+
+    parser = _Parser(prog="fineprune", description="Fine-Pruning: remove backdoors from neural networks.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (add_args, fn) in _COMMANDS.items():
+        p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else None)
+        add_args(p)
+        p.set_defaults(_run=fn)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            return 2
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args._run(args) or 0)
+    except BadInputError as exc:
+        print(f"fineprune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fineprune: interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # unexpected: show the traceback, it is a bug
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

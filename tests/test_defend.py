@@ -1,0 +1,68 @@
+import copy
+
+import torch
+
+from fineprune import FinePruning, Pruning, TrainConfig, TriggeredSet, defend
+from fineprune.data.types import make_dataset
+from fineprune.defense.mask import pruned_channels
+from fineprune.evaluation.metrics import accuracy
+from fineprune.models.small import SmallCNN
+
+
+def _setup():
+    torch.manual_seed(0)
+    m = SmallCNN(width=8).eval()
+    x = torch.rand(200, 1, 28, 28)
+    with torch.no_grad():
+        y = m(x).argmax(1)
+    y[::4] = (y[::4] + 3) % 10
+    return m, make_dataset(x[:120], y[:120]), make_dataset(x[120:], y[120:])
+
+
+def test_pruning_returns_exactly_the_model_at_the_stop_point():
+    model, _, val = _setup()
+    original = copy.deepcopy(model.state_dict())
+    res = Pruning(model, threshold=4.0).fit(val)
+    k = res.sweep.extra["stop_k"]
+    assert res.pruned_channels == res.sweep.order[:k]
+    assert pruned_channels(res.model, res.layer) == sorted(res.pruned_channels)
+    # Its accuracy is the sweep's accuracy at k (not at k+1), and within the threshold.
+    acc = accuracy(res.model, val)
+    assert acc == res.sweep.clean_acc[k]
+    assert res.sweep.clean_acc[0] - acc <= 0.04 + 1e-9
+    if k < res.num_channels:
+        assert res.sweep.clean_acc[0] - res.sweep.clean_acc[k + 1] > 0.04
+    # The caller's model is untouched.
+    assert all(torch.equal(v, model.state_dict()[n]) for n, v in original.items())
+    assert pruned_channels(model, res.layer) == []
+
+
+def test_fine_pruning_keeps_masks_and_picks_best_epoch():
+    model, train, val = _setup()
+    trig = TriggeredSet(val.tensors[0][:30], val.tensors[1][:30], torch.zeros(30, dtype=torch.long))
+    res = FinePruning(model, threshold=10.0, finetune=TrainConfig(epochs=3, lr=0.05, batch_size=32)).fit(
+        train, val, trig)
+    assert len(res.finetune.epochs) == 3 and res.finetune.best_epoch in (1, 2, 3)
+    best = max(e.val_acc for e in res.finetune.epochs)
+    assert res.after.clean_acc == best
+    assert pruned_channels(res.model, res.layer) == sorted(res.pruned_channels)
+    assert res.after.asr is not None and res.before.asr is not None
+
+
+def test_defend_dispatches_and_validates():
+    model, train, val = _setup()
+    r = defend(model, train, val, "fine-tune", finetune=TrainConfig(epochs=1))
+    assert r.method == "fine-tune" and r.pruned_channels == [] and r.sweep is None
+    for bad in ("prune-fine", ""):
+        try:
+            defend(model, train, val, bad)
+        except ValueError as exc:
+            assert "method must be one of" in str(exc)
+        else:
+            raise AssertionError("bad method accepted")
+    try:
+        defend(model, None, val, "fine-prune")
+    except ValueError as exc:
+        assert "clean training data" in str(exc)
+    else:
+        raise AssertionError("fine-prune without training data accepted")
