@@ -172,6 +172,8 @@ def _adapt_in_channels(model: nn.Module, in_channels: int) -> None:
     if first is None or first[1].in_channels == in_channels:
         return  # nothing to adapt (e.g. an MLP), or it already fits
     name, conv = first
+    if not name:
+        return  # the model is a bare Conv2d; nothing sensible to swap
     if in_channels % conv.groups:
         raise BadInputError(
             f"cannot adapt the first convolution {name!r} (groups={conv.groups}) to {in_channels} input channels"
