@@ -76,3 +76,10 @@ def test_named_layer_and_bad_names():
     r = torchvision.models.resnet18(weights=None)
     with pytest.raises(LayerNotFoundError, match="runs 2 times"):
         find_prune_layer(r, torch.rand(2, 3, 32, 32), "layer4.1.relu")
+
+
+def test_model_declared_prune_layer_is_used():
+    m = SmallCNN()
+    m.prune_layer = "features.4"
+    assert find_prune_layer(m, torch.rand(2, 1, 28, 28)).name == "features.4"
+    assert find_prune_layer(m, torch.rand(2, 1, 28, 28), "features.1").name == "features.1"

@@ -135,7 +135,9 @@ def _npz_x(x: np.ndarray, path: Path) -> torch.Tensor:
         x = x[:, None]  # (N, H, W) grey
     elif x.ndim == 4:
         channel_like = (1, 3, 4)
-        if x.shape[3] in channel_like and x.shape[1] not in channel_like:
+        last, second = x.shape[3] in channel_like, x.shape[1] in channel_like
+        # Tiny images can look like both (e.g. 4x4 RGB): then the smaller dim is the channels.
+        if last and (not second or x.shape[3] < x.shape[1]):
             x = np.transpose(x, (0, 3, 1, 2))  # NHWC -> NCHW
     else:
         raise BadInputError(
@@ -184,13 +186,11 @@ def _open_npz(path: str | os.PathLike[str]) -> tuple[Path, dict[str, np.ndarray]
     p = Path(path).expanduser()
     if not p.is_file():
         raise BadInputError(f"{p} does not exist or is not a file; expected an .npz with arrays x and y")
+    if not zipfile.is_zipfile(p):
+        raise BadInputError(f"{p} is not an .npz archive; save the data with np.savez(path, x=..., y=...)")
     try:
         with np.load(p, allow_pickle=False) as npz:
-            if not isinstance(npz, np.lib.npyio.NpzFile):
-                raise BadInputError(f"{p} holds a single array, not an .npz archive; save with np.savez(path, x=..., y=...)")
             return p, {k: npz[k] for k in npz.files}
-    except BadInputError:
-        raise
     except ValueError as exc:
         if "pickle" in str(exc):
             raise BadInputError(
@@ -206,7 +206,7 @@ def load_npz(path: str | os.PathLike[str]) -> TensorDataset:
     """An `.npz` with arrays `x` and `y`, read without pickle.
 
     x: (N,C,H,W) or (N,H,W,C) (channels-last is detected when the last dim is 1/3/4 and the second
-    is not), or (N,H,W) grey; (N,1,L) is taken as waveforms. uint8 is divided by 255, int16 by
+    is not, or is larger), or (N,H,W) grey; (N,1,L) is taken as waveforms. uint8 is divided by 255, int16 by
     32768, float kept as is (assumed already in [0,1] / [-1,1]). y: non-negative integer labels.
     """
     p, arrays = _open_npz(path)

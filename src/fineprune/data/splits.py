@@ -46,3 +46,12 @@ def group_split(
         member[gp] = True
         out.append(torch.nonzero(member[inverse]).flatten())
     return out
+
+
+def holdout(data: "TensorDataset", fraction: float = 0.2, seed: int = 0) -> tuple["TensorDataset", "TensorDataset"]:
+    """Split one clean set into (fine-tuning part, held-out validation part), stratified and seeded."""
+    from .types import make_dataset, tensors
+
+    x, y = tensors(data)
+    rest, held = stratified_split(y, (1.0 - fraction, fraction), seed)
+    return make_dataset(x[rest], y[rest]), make_dataset(x[held], y[held])

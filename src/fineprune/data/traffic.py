@@ -7,6 +7,7 @@ train/val by image would put frames of the same sign on both sides and make vali
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import os
@@ -94,6 +95,10 @@ def _decode(source: Source) -> dict[str, np.ndarray]:
         )
     train.sort(key=lambda t: t[0])
     test.sort(key=lambda t: t[0])
+    # The distributed copy has test images that are pixel-identical to training frames (8, all of
+    # one stop-sign track); record them so evaluations can tell, but keep the official test set.
+    train_hashes = {hashlib.sha1(t[3].tobytes()).digest() for t in train}
+    dups = [n for n, img in test if hashlib.sha1(img.tobytes()).digest() in train_hashes]
     return {
         "x_train": np.stack([t[3] for t in train]),
         "y_train": np.array([t[1] for t in train], dtype=np.int64),
@@ -102,6 +107,7 @@ def _decode(source: Source) -> dict[str, np.ndarray]:
         "x_test": np.stack([t[1] for t in test]),
         "y_test": np.array([labels[n] for n, _ in test], dtype=np.int64),
         "files_test": np.array([n for n, _ in test]),
+        "test_duplicates": np.array(dups, dtype=str),
         "skipped": np.array(bad, dtype=str),
     }
 
@@ -125,7 +131,8 @@ def load_traffic(
     """Traffic task: x (N,3,32,32) in [0,1], 43 classes (14 = stop, 1 = speed limit 30).
 
     Final_Training is split by track (seeded, stratified by the track's class) into train and val
-    (the defender's clean data); Final_Test is the test set. `info["train_tracks"]` /
+    (the defender's clean data); Final_Test is the test set. `info["test_duplicates_of_train"]` names
+    the test images that are pixel-identical to a training frame (8 in the distributed copy). `info["train_tracks"]` /
     `info["val_tracks"]` list the track ids (class * 100000 + track) on each side.
     """
     if not 0.0 < val_fraction < 1.0:
@@ -152,6 +159,7 @@ def load_traffic(
         "train_tracks": sorted(set(groups[train_idx].tolist())),
         "val_tracks": sorted(set(groups[val_idx].tolist())),
         "stop_class": 14,
+        "test_duplicates_of_train": [str(s) for s in arrays["test_duplicates"]],
         "skipped_files": [str(s) for s in arrays["skipped"]],
     }
     return TaskData(

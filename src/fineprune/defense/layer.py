@@ -83,7 +83,13 @@ def _describe(calls: list[_Call]) -> str:
 def find_prune_layer(
     model: nn.Module, example: torch.Tensor, name: str | None = None
 ) -> LayerChoice:
-    """Choose the layer to prune (or check the one the user named) on one example batch."""
+    """Choose the layer to prune (or check the one the user named) on one example batch.
+
+    A model may declare its paper layer with a `prune_layer` attribute (e.g. the face network
+    prunes conv3, whose pooled output feeds both conv4 and the classifier); `name` overrides it.
+    """
+    if name is None and isinstance(getattr(model, "prune_layer", None), str):
+        name = model.prune_layer
     calls = _trace_calls(model, example)
     counts: dict[str, int] = {}
     for c in calls:
@@ -140,3 +146,30 @@ def find_prune_layer(
             f"several times per forward; name a layer explicitly. Candidates: {_describe(calls)}"
         )
     return LayerChoice(chosen.name, chosen.module, tuple(current.shape))
+
+
+def producer_chain(model: nn.Module, example: torch.Tensor, layer: str) -> list[tuple[str, nn.Module]]:
+    """The leaf modules that produced `layer`'s output, from the last conv (or the first
+    non-channel-wise module) to the output itself, in forward order.
+
+    Used to find where a channel can be switched off by its weights (e.g. the bias before a ReLU).
+    """
+    calls = _trace_calls(model, example)
+    mine = [c for c in calls if c.name == layer]
+    if len(mine) != 1:
+        raise LayerNotFoundError(f"module {layer!r} must run exactly once per forward")
+    target = mine[0].output
+    leaves = {n for n, m in model.named_modules() if not list(m.children())}
+    # The last leaf call that returned the layer's output tensor.
+    idx = max((i for i, c in enumerate(calls) if c.name in leaves and c.output is target), default=None)
+    if idx is None:
+        return []
+    chain = [calls[idx]]
+    while not isinstance(chain[-1].module, CONV_TYPES) and isinstance(chain[-1].module, CHANNELWISE_TYPES):
+        src = chain[-1].inputs[0] if chain[-1].inputs else None
+        prev = max((i for i, c in enumerate(calls[:idx]) if c.name in leaves and c.output is src), default=None)
+        if prev is None:
+            break
+        idx = prev
+        chain.append(calls[idx])
+    return [(c.name, c.module) for c in reversed(chain)]

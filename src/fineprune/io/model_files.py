@@ -196,16 +196,23 @@ def _check_tensors(sd: dict[str, torch.Tensor], name: str, file_size: int) -> No
                 f"{name}: tensor {k!r} claims {t.numel()} elements, more data than the file holds; "
                 "the file is corrupt or hostile"
             )
-        if t.is_floating_point() or t.is_complex():
-            try:
-                finite = bool(torch.isfinite(t).all())
-            except (RuntimeError, NotImplementedError):  # e.g. float8 kernels missing
-                finite = bool(torch.isfinite(t.float()).all())
-            if not finite:
+        if (t.is_floating_point() or t.is_complex()) and t.numel():
+            if not _all_finite(t):
                 raise BadInputError(
                     f"{name}: tensor {k!r} contains NaN or Inf values; the weights are corrupt "
                     "(or were saved after training diverged) and cannot be pruned meaningfully"
                 )
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """NaN/Inf check; min/max propagate NaN and expose Inf in one cheap pass."""
+    try:
+        lo, hi = torch.aminmax(t)
+        return bool(torch.isfinite(lo) & torch.isfinite(hi))
+    except (RuntimeError, NotImplementedError, TypeError):  # complex, float8 kernels
+        if t.is_complex():
+            return bool(torch.isfinite(t).all())
+        return bool(torch.isfinite(t.float()).all())
 
 
 # ---- safetensors
@@ -213,7 +220,10 @@ def _check_tensors(sd: dict[str, torch.Tensor], name: str, file_size: int) -> No
 
 def _load_safetensors(p: Path, name: str, size: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Validate the header by hand, then let the safetensors library read the data."""
-    metadata = _validate_safetensors_header(p, name, size)
+    try:
+        metadata = _validate_safetensors_header(p, name, size)
+    except BadInputError as e:
+        raise BadInputError(f"{e}; {ACCEPTED_FORMATS}") from None
     try:
         sd = safetensors.torch.load_file(str(p), device="cpu")
     except Exception as e:  # the library's own checks; our validation should catch these first
@@ -286,7 +296,7 @@ def _validate_safetensors_header(p: Path, name: str, size: int) -> dict[str, str
                 f"{bad}: tensor {k!r} claims bytes {begin}..{end} but the file holds only {data_len} "
                 "bytes of data; the file is truncated or its header lies"
             )
-        nbits = _ST_DTYPES[dtype][0]
+        nbits = 0 if 0 in shape else _ST_DTYPES[dtype][0]
         for d in shape:  # bail out early so absurd shapes never build giant integers
             nbits *= d
             if nbits > 8 * data_len:
@@ -539,7 +549,7 @@ class _TorchScriptUnpickler(pickle.Unpickler):
 
 
 _CLASS_RE = re.compile(r"^class (\w+)\(Module\):\n((?:[ \t]+.*\n|\n)*)", re.M)
-_LIST_RE = re.compile(r"^\s+(__parameters__|__buffers__) = (\[[^\]\n]*\])", re.M)
+_LIST_RE = re.compile(r"^[ \t]+(__parameters__|__buffers__) = (\[[^\]\n]*\])", re.M)
 
 
 def _declared_tensors(code: dict[str, str]) -> dict[str, set[str]]:

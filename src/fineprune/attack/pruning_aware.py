@@ -1,0 +1,110 @@
+"""The paper's pruning-aware attack: hide the backdoor in channels the defender will keep.
+
+1. train on clean data; 2. prune the channels that are dormant on clean data, with the defender's
+own ranking and stop rule; 3. train the pruned network on poisoned data, so the backdoor is written
+into the surviving channels; 4. reinstate the pruned channels as decoys whose bias is lowered so
+they never fire (on clean and triggered inputs alike), giving back the original architecture;
+5. if the model misses its accuracy or ASR target, train the backdoor longer and report it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from ..data.types import tensors
+from ..defense.api import Pruning
+from ..defense.layer import producer_chain
+from ..defense.mask import clear_mask
+from ..evaluation.metrics import accuracy, attack_metrics
+from ..runtime import pick_device
+from ..training import TrainConfig, train
+from .badnets import BadNets
+
+RELU_TYPES = (nn.ReLU, nn.ReLU6)
+
+
+@dataclass
+class PruningAwareResult:
+    """The backdoored model (original architecture, decoys in place) and how it was made."""
+
+    model: nn.Module
+    layer: str
+    decoys: list[int]
+    bias_param: str
+    clean_val_acc: float
+    val_acc: float
+    val_asr: float
+    rounds: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def decoy_bias(model: nn.Module, example: torch.Tensor, layer: str) -> str:
+    """Name of the bias parameter that can switch the layer's channels off: the last per-channel
+    bias (conv or BatchNorm) before the ReLU that produces the layer's output."""
+    chain = producer_chain(model, example, layer)
+    if not chain or not isinstance(chain[-1][1], RELU_TYPES):
+        raise ValueError(
+            f"the pruning-aware attack needs the pruned layer {layer!r} to be a ReLU output; "
+            f"found the chain {[type(m).__name__ for _, m in chain]}"
+        )
+    for name, module in reversed(chain[:-1]):
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor) and bias.dim() == 1:
+            return f"{name}.bias"
+    raise ValueError(f"no per-channel bias before the ReLU of {layer!r} to lower")
+
+
+@dataclass
+class PruningAwareAttack:
+    """Steps 2-5 of the attack on a clean model (step 1 is the caller's ordinary training)."""
+
+    badnets: BadNets
+    threshold: float = 4.0
+    backdoor: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=5, lr=1e-3, optimizer="adam", weight_decay=0.0, schedule="constant"))
+    decoy_value: float = -1e20  # the authors' released model uses -1e20: decoys never fire
+    target_asr: float = 0.95
+    max_acc_drop: float = 0.02
+    max_rounds: int = 3
+    layer: str | None = None
+    seed: int = 0
+    device: str | torch.device | None = None
+    progress: bool = False
+
+    def run(self, clean_model: nn.Module, train_data: TensorDataset, val_data: TensorDataset) -> PruningAwareResult:
+        t0 = time.perf_counter()
+        dev = pick_device(self.device)
+        pruning = Pruning(clean_model, layer=self.layer, threshold=self.threshold, device=dev, seed=self.seed)
+        pr = pruning.fit(val_data)
+        model, layer, decoys = pr.model, pr.layer, list(pr.pruned_channels)
+        clean_acc = pr.before.clean_acc
+        poisoned = self.badnets.poison(train_data).dataset
+        trig_val = self.badnets.triggered(val_data)
+        rounds: list[dict] = []
+        total_epochs = 0
+        for r in range(self.max_rounds):
+            # Each round that misses the target enlarges the backdoor training by another round.
+            train(model, poisoned, self.backdoor, device=dev, seed=self.seed + r,
+                  progress=self.progress, desc=f"backdoor pruned net (round {r + 1})")
+            total_epochs += self.backdoor.epochs
+            acc = accuracy(model, val_data, dev)
+            asr = attack_metrics(model, trig_val, dev)[0]
+            rounds.append({"round": r + 1, "total_epochs": total_epochs, "val_acc": acc, "val_asr": asr})
+            if asr >= self.target_asr and clean_acc - acc <= self.max_acc_drop:
+                break
+        # Reinstate the pruned channels as decoys that never fire.
+        x, _ = tensors(val_data)
+        example = x[:2].to(dev)
+        bias_name = decoy_bias(model, example, layer)
+        clear_mask(model, layer)
+        with torch.no_grad():
+            model.get_parameter(bias_name)[torch.as_tensor(decoys, dtype=torch.long)] = self.decoy_value
+        return PruningAwareResult(
+            model=model, layer=layer, decoys=decoys, bias_param=bias_name, clean_val_acc=clean_acc,
+            val_acc=accuracy(model, val_data, dev), val_asr=attack_metrics(model, trig_val, dev)[0],
+            rounds=rounds, seconds=time.perf_counter() - t0,
+        )
