@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +81,9 @@ def cached_arrays(
     params: Mapping[str, Any],
     decode: Callable[[], dict[str, np.ndarray]],
     cache_dir: str | os.PathLike[str] | None = None,
+    required: Iterable[str] = (),
 ) -> tuple[dict[str, np.ndarray], Path, bool]:
-    """Cached arrays if present, else `decode()` them and store them.
+    """Cached arrays if present (and holding every `required` key), else `decode()` and store them.
 
     Returns (arrays, cache path, hit). A cache directory that cannot be written (read-only home,
     full disk) only costs speed: the decoded arrays are still returned.
@@ -90,7 +91,10 @@ def cached_arrays(
     path = cache_file(loader, fingerprint, params, cache_dir)
     arrays = read_arrays(path)
     if arrays is not None:
-        return arrays, path, True
+        missing = set(required) - set(arrays)
+        if not missing:
+            return arrays, path, True
+        log.warning("cache file %s lacks %s (older format); decoding again", path, sorted(missing))
     arrays = decode()
     try:
         write_arrays(path, arrays)

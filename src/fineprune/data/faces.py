@@ -42,6 +42,9 @@ EYE_BAND = (0.17, 0.31)
 EYE_CENTER_ROW = 0.23
 EYE_CENTER_COLS = (0.18, 0.80)
 
+#: Arrays a cache file must hold (an older layout without them is decoded again).
+_KEYS = ("x", "y", "files", "class_names", "skipped")
+
 
 def _select(name: str) -> bool:
     m = _PATTERN.search(name)
@@ -106,6 +109,7 @@ def load_faces(
         {"size": list(size), "resample": "bilinear"},
         lambda: _decode(source, size),
         cache_dir,
+        required=_KEYS,
     )
     x = torch.from_numpy(arrays["x"]).unsqueeze(1)
     y = torch.from_numpy(arrays["y"]).long()

@@ -93,6 +93,9 @@ def pack_waves(waves: list[np.ndarray], length: int) -> torch.Tensor:
         out[i] = fit_length(a, length)
     return torch.from_numpy(out).unsqueeze(1).float().div_(32768.0)
 
+#: Arrays a cache file must hold (an older layout without them is decoded again).
+_KEYS = ("samples", "offsets", "y", "speaker", "index", "files", "skipped")
+
 
 def _select(name: str) -> bool:
     return _PATTERN.search(name) is not None
@@ -148,7 +151,12 @@ def load_speech(
     source = resolve_source(root, STEM, MARKER)
     t0 = time.perf_counter()
     arrays, path, hit = cached_arrays(
-        "speech", source.fingerprint(_select), {"sample_rate": SAMPLE_RATE}, lambda: _decode(source), cache_dir
+        "speech",
+        source.fingerprint(_select),
+        {"sample_rate": SAMPLE_RATE},
+        lambda: _decode(source),
+        cache_dir,
+        required=_KEYS,
     )
     offsets, samples = arrays["offsets"], arrays["samples"]
     waves = [samples[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]

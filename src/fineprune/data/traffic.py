@@ -36,6 +36,11 @@ _TRAIN = re.compile(r"(?:^|/)Final_Training/Images/(\d+)/(\d+)_(\d+)\.ppm$")
 _TEST = re.compile(r"(?:^|/)Final_Test/Images/(\d+\.ppm)$")
 _TEST_CSV = re.compile(r"(?:^|/)Final_Test/GT-final_test\.csv$")
 
+#: Arrays a cache file must hold (an older layout without them is decoded again).
+_KEYS = (
+    "x_train", "y_train", "track", "files_train", "x_test", "y_test", "files_test", "test_duplicates", "skipped"
+)
+
 
 def _select(name: str) -> bool:
     return bool(_TRAIN.search(name) or _TEST.search(name) or _TEST_CSV.search(name))
@@ -140,7 +145,8 @@ def load_traffic(
     source = resolve_source(root, STEM, MARKER)
     t0 = time.perf_counter()
     arrays, path, hit = cached_arrays(
-        "traffic", source.fingerprint(_select), {"size": SIZE}, lambda: _decode(source), cache_dir
+        "traffic", source.fingerprint(_select), {"size": SIZE}, lambda: _decode(source), cache_dir,
+        required=_KEYS,
     )
     x_all = _channels_first(arrays["x_train"])
     y_all = torch.from_numpy(arrays["y_train"]).long()

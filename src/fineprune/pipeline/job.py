@@ -1,0 +1,125 @@
+"""What `fineprune defend` was asked to do, checked once, in one dataclass.
+
+Every option the command line or a config file can set is a field here, so the CLI is a thin
+parser and a Python caller gets the same validation and the same recorded command line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..defense.api import DEFAULT_FINETUNE, METHODS
+from ..defense.stop_rule import check_threshold
+from ..errors import BadInputError
+from ..training import TrainConfig
+
+
+@dataclass
+class DefendJob:
+    """Inputs and options of one defense run (paths may be str or Path).
+
+    `data` is a file/folder of clean data (or `task:NAME` for a built-in task's validation
+    split); unless `val` is given, a seeded stratified `val_fraction` of it is held out to choose
+    the stop point and the fine-tuning epoch. `triggered` + `target` only measure the attack.
+    """
+
+    model: str | Path
+    arch: str
+    data: str | Path
+    out: str | Path
+    num_classes: int | None = None
+    val: str | Path | None = None
+    triggered: str | Path | None = None
+    target: int | str | None = None
+    layer: str | None = None
+    method: str = "fine-prune"
+    threshold: float = 4.0
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    input_size: tuple[int, int] | None = None
+    audio_length: int | None = None
+    sample_rate: int | None = None
+    val_fraction: float = 0.2
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    optimizer: str | None = None
+    seed: int = 0
+    device: str | None = None
+    force: bool = False
+    compact: bool = True
+
+    def validate(self) -> "DefendJob":
+        """Raise BadInputError (one line, with the fix) for any unusable option; return self."""
+        for name in ("model", "arch", "data", "out"):
+            if getattr(self, name) in (None, ""):
+                raise BadInputError(f"--{name} is required (on the command line or in --config)")
+        if self.method not in METHODS:
+            raise BadInputError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        try:
+            self.threshold = check_threshold(self.threshold)
+        except (TypeError, ValueError) as exc:
+            raise BadInputError(f"--threshold: {exc}") from None
+        if not 0.0 < float(self.val_fraction) < 1.0:
+            raise BadInputError(f"--val-fraction must lie strictly between 0 and 1, got {self.val_fraction}")
+        if self.num_classes is not None and int(self.num_classes) < 2:
+            raise BadInputError(f"--num-classes must be at least 2, got {self.num_classes}")
+        self._check_normalisation()
+        if self.input_size is not None:
+            size = tuple(int(s) for s in self.input_size)
+            if len(size) != 2 or min(size) < 1:
+                raise BadInputError(f"--input-size takes two positive integers H W, got {self.input_size}")
+            self.input_size = size  # type: ignore[assignment]
+        if (self.triggered is None) != (self.target is None):
+            raise BadInputError("--triggered and --target go together: the triggered set's inputs and "
+                                "the label the attack sends them to (an index or a class name)")
+        if self.epochs is not None and int(self.epochs) < 0:
+            raise BadInputError(f"--epochs must be >= 0, got {self.epochs}")
+        if self.lr is not None and not float(self.lr) > 0:
+            raise BadInputError(f"--lr must be positive, got {self.lr}")
+        if self.batch_size is not None and int(self.batch_size) < 1:
+            raise BadInputError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.optimizer is not None and self.optimizer not in ("sgd", "adam"):
+            raise BadInputError(f"--optimizer must be sgd or adam, not {self.optimizer!r}")
+        return self
+
+    def _check_normalisation(self) -> None:
+        if (self.mean is None) != (self.std is None):
+            raise BadInputError("--mean and --std go together (one value, or one per input channel)")
+        if self.mean is None:
+            return
+        self.mean = [float(v) for v in self.mean]
+        self.std = [float(v) for v in self.std]  # type: ignore[union-attr]
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise BadInputError(f"--mean has {len(self.mean)} values but --std has {len(self.std)}; "
+                                "give one per input channel (or one for all)")
+        if min(self.std) <= 0:
+            raise BadInputError(f"--std values must be positive, got {self.std}")
+
+    def finetune_config(self) -> TrainConfig:
+        """The default fine-tuning recipe with this job's overrides."""
+        overrides = {k: getattr(self, k) for k in ("epochs", "lr", "batch_size", "optimizer")
+                     if getattr(self, k) is not None}
+        return dataclasses.replace(DEFAULT_FINETUNE, **overrides)
+
+    def command_line(self) -> str:
+        """An equivalent `fineprune defend` command (every effective option spelled out)."""
+        args = ["fineprune", "defend"]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            flag = "--" + f.name.replace("_", "-")
+            if f.name == "compact":
+                if not value:
+                    args.append("--no-compact")
+            elif isinstance(value, bool):
+                if value:
+                    args.append(flag)
+            elif value is None:
+                continue
+            elif isinstance(value, (list, tuple)):
+                args += [flag, *[str(v) for v in value]]
+            else:
+                args += [flag, str(value)]
+        return shlex.join(args)
