@@ -1,2 +1,4 @@
 """Subcommands of the `fineprune` CLI (importing this package registers them)."""
 from . import demo  # noqa: F401
+from . import preview  # noqa: F401
+from . import train  # noqa: F401

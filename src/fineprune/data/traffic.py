@@ -136,16 +136,21 @@ def load_traffic(
     """Traffic task: x (N,3,32,32) in [0,1], 43 classes (14 = stop, 1 = speed limit 30).
 
     Final_Training is split by track (seeded, stratified by the track's class) into train and val
-    (the defender's clean data); Final_Test is the test set. `info["test_duplicates_of_train"]` names
-    the test images that are pixel-identical to a training frame (8 in the distributed copy). `info["train_tracks"]` /
-    `info["val_tracks"]` list the track ids (class * 100000 + track) on each side.
+    (the defender's clean data); Final_Test is the test set. `info["train_tracks"]` /
+    `info["val_tracks"]` list the track ids (class * 100000 + track) on each side;
+    `info["test_duplicates_of_train"]` names the test images that are pixel-identical to a training
+    frame (8 in the distributed copy, all stop signs of track 00014/00023).
     """
     if not 0.0 < val_fraction < 1.0:
         raise BadInputError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     source = resolve_source(root, STEM, MARKER)
     t0 = time.perf_counter()
     arrays, path, hit = cached_arrays(
-        "traffic", source.fingerprint(_select), {"size": SIZE}, lambda: _decode(source), cache_dir,
+        "traffic",
+        source.fingerprint(_select),
+        {"size": SIZE},
+        lambda: _decode(source),
+        cache_dir,
         required=_KEYS,
     )
     x_all = _channels_first(arrays["x_train"])
@@ -154,9 +159,10 @@ def load_traffic(
     train_idx, val_idx = group_split(groups, y_all, (1.0 - val_fraction, val_fraction), seed)
     train = make_dataset(_to_float(x_all[train_idx]), y_all[train_idx])
     val = make_dataset(_to_float(x_all[val_idx]), y_all[val_idx])
-    test = make_dataset(_to_float(_channels_first(arrays["x_test"])), torch.from_numpy(arrays["y_test"]).long())
+    y_test = torch.from_numpy(arrays["y_test"]).long()
+    test = make_dataset(_to_float(_channels_first(arrays["x_test"])), y_test)
     seconds = time.perf_counter() - t0
-    num_classes = max(NUM_CLASSES, int(y_all.max()) + 1, int(arrays["y_test"].max()) + 1)
+    num_classes = max(NUM_CLASSES, int(y_all.max()) + 1, int(y_test.max()) + 1)
     info = {
         "source": str(source.path),
         "cache_file": str(path),

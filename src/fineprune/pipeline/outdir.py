@@ -1,0 +1,39 @@
+"""The output folder: refuse to overwrite someone's results unless asked, and leave no stale files."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..errors import BadInputError
+
+OUTPUT_FILES = ("model.safetensors", "model.json", "metrics.json", "sweep.csv", "pruning_curve.png",
+                "report.html", "model-compact.safetensors")
+
+
+def prepare_out_dir(path: str | os.PathLike[str], force: bool) -> Path:
+    """Create `path`, or accept it when empty; a non-empty folder only with `force`."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"--out {out} is a file, not a folder; choose a folder for the results")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise BadInputError(f"--out {out} exists and is not empty; choose a new folder, or pass --force "
+                            "to overwrite fineprune's files in it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInputError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+    return out
+
+
+def remove_stale(out: Path, written: Iterable[Path]) -> list[str]:
+    """After a --force run, delete fineprune outputs a previous run left that this one did not
+    write (e.g. an old compact export), so the folder never mixes two runs. Returns their names."""
+    keep = {Path(p).name for p in written}
+    removed = []
+    for name in OUTPUT_FILES:
+        f = out / name
+        if name not in keep and f.is_file():
+            f.unlink()
+            removed.append(name)
+    return removed
