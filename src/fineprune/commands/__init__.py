@@ -2,3 +2,5 @@
 from . import demo  # noqa: F401
 from . import preview  # noqa: F401
 from . import train  # noqa: F401
+from . import reproduce  # noqa: F401
+from . import defend  # noqa: F401

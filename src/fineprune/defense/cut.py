@@ -15,12 +15,30 @@ from torch import fx, nn
 
 
 class _LeafTracer(fx.Tracer):
-    def __init__(self, leaf: str) -> None:
+    """Keeps `leaf` as one node; with `opaque_user_modules`, also every module defined outside
+    torch.nn that does not contain `leaf` (their code is run, not traced)."""
+
+    def __init__(self, leaf: str, opaque_user_modules: bool = False) -> None:
         super().__init__()
         self.leaf = leaf
+        self.opaque = opaque_user_modules
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname == self.leaf or super().is_leaf_module(m, qualname)
+        if qualname == self.leaf or super().is_leaf_module(m, qualname):
+            return True
+        if not self.opaque or self.leaf == qualname or self.leaf.startswith(qualname + "."):
+            return False
+        return not type(m).__module__.startswith("torch.nn")
+
+
+def _trace(model: nn.Module, layer: str) -> fx.Graph:
+    """Trace through every module first (finest head graph); if some module's Python cannot be
+    traced (e.g. it iterates over a shape), retry with user-defined modules off the path to
+    `layer` kept opaque."""
+    try:
+        return _LeafTracer(layer).trace(model)
+    except Exception:  # torch.fx raises many kinds of errors on untraceable code
+        return _LeafTracer(layer, opaque_user_modules=True).trace(model)
 
 
 @dataclass
@@ -34,7 +52,7 @@ class NetworkCut:
 
 def cut_at(model: nn.Module, layer: str) -> NetworkCut:
     """Split `model` at the output of module `layer`; raises if the model cannot be traced."""
-    graph = _LeafTracer(layer).trace(model)
+    graph = _trace(model, layer)
     h_nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
     if len(h_nodes) != 1:
         raise ValueError(f"layer {layer!r} appears {len(h_nodes)} times in the traced graph")

@@ -21,11 +21,11 @@ from torch import nn
 from ..attack.badnets import BadNets
 from ..attack.pruning_aware import PruningAwareAttack
 from ..data.splits import holdout
-from ..data.types import TaskData
 from ..defense.api import DEFAULT_FINETUNE, DefenseResult, defend
 from ..defense.persist import load_pruned, save_pruned
 from ..evaluation.metrics import evaluate
 from ..runtime import pick_device, seed_everything, write_json_atomic
+from ..tasks import get_task, shrink
 from ..training import TrainConfig, train
 
 ATTACKS = ("none", "badnets", "pruning-aware")
@@ -67,21 +67,6 @@ def _fingerprint(obj: dict) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _shrink(data: TaskData, fraction: float, seed: int) -> TaskData:
-    if fraction >= 1.0:
-        return data
-    from ..data.splits import stratified_split
-    from ..data.types import make_dataset
-
-    def part(ds):
-        x, y = ds.tensors
-        keep, _ = stratified_split(y, (fraction, 1 - fraction), seed)
-        return make_dataset(x[keep], y[keep])
-
-    return TaskData(data.name, part(data.train), part(data.val), part(data.test), data.num_classes,
-                    data.class_names, data.input_kind, data.info)
-
-
 class _ModelStore:
     """Trained models on disk keyed by a fingerprint of their recipe (reused by later runs)."""
 
@@ -104,7 +89,6 @@ class _ModelStore:
 
 def run_reproduce(cfg: ReproduceConfig) -> list[dict]:
     """Run every task of `cfg`; write results.json, table.md, figures and report.html to cfg.out."""
-    from ..tasks import get_task
     from ..report.reproduce import write_reproduce_outputs
 
     out = Path(cfg.out)
@@ -129,14 +113,14 @@ def _run_task(task, cfg: ReproduceConfig, out: Path) -> tuple[list[dict], dict]:
     dev = pick_device(cfg.device)
     seed_everything(cfg.seed)
     t_load = time.perf_counter()
-    data = _shrink(task.load(cfg.data_root, seed=cfg.seed), cfg.subsample, cfg.seed)
+    data = shrink(task.load(cfg.data_root, seed=cfg.seed), cfg.subsample, cfg.seed)
     _log(cfg, f"[{task.name}] data: train {len(data.train)}, val {len(data.val)}, test {len(data.test)} "
               f"({time.perf_counter() - t_load:.1f}s)")
-    attack: BadNets = task.make_attack(seed=cfg.seed)
-    train_cfg: TrainConfig = task.train_config
+    attack: BadNets = task.make_attack(seed=cfg.seed, data=data)
+    train_cfg: TrainConfig = task.attacker
     if cfg.epochs is not None:
         train_cfg = TrainConfig(**{**train_cfg.to_dict(), "epochs": cfg.epochs})
-    ft_cfg: TrainConfig = copy.deepcopy(getattr(task, "finetune_config", None) or DEFAULT_FINETUNE)
+    ft_cfg: TrainConfig = copy.deepcopy(task.finetune or DEFAULT_FINETUNE)
     if cfg.finetune_epochs is not None:
         ft_cfg = TrainConfig(**{**ft_cfg.to_dict(), "epochs": cfg.finetune_epochs})
 
@@ -147,7 +131,7 @@ def _run_task(task, cfg: ReproduceConfig, out: Path) -> tuple[list[dict], dict]:
 
     store = _ModelStore(out / "models")
     base = {"task": task.name, "seed": cfg.seed, "subsample": cfg.subsample, "train": train_cfg.to_dict(),
-            "data": getattr(task, "fingerprint", lambda: task.name)()}
+            "arch": task.arch, "data_root": str(Path(cfg.data_root).resolve())}
     attack_desc = attack.describe()
 
     def fresh() -> nn.Module:
@@ -175,8 +159,8 @@ def _run_task(task, cfg: ReproduceConfig, out: Path) -> tuple[list[dict], dict]:
 
     def make_pruning_aware():
         t0 = time.perf_counter()
-        backdoor_cfg = getattr(task, "backdoor_config", None) or TrainConfig(
-            **{**train_cfg.to_dict(), "epochs": max(1, train_cfg.epochs // 2)})
+        # The attacker backdoors the pruned clean net with half its usual training per round.
+        backdoor_cfg = TrainConfig(**{**train_cfg.to_dict(), "epochs": max(1, train_cfg.epochs // 2)})
         pa = PruningAwareAttack(attack, threshold=cfg.threshold, backdoor=backdoor_cfg, seed=cfg.seed,
                                 device=dev, progress=cfg.progress)
         res = pa.run(copy.deepcopy(clean), data.train, attacker_val)

@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from ..defense.sweep import SweepCurve  # noqa: E402
 from ..runtime import atomic_path  # noqa: E402
@@ -47,11 +48,19 @@ def _pct(values: Sequence[float]) -> list[float]:
     return [100 * v for v in values]
 
 
+def _legend_below(ax, ncol: int, handles=None, labels=None) -> None:
+    """Legend under the plot, where it never hides a curve."""
+    if handles is None:
+        handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=ncol,
+              fontsize=8, frameon=False)
+
+
 def pruning_curve_figure(curve: SweepCurve, stop_k: int | None = None, title: str = "Pruning curve",
                          threshold: float | None = None) -> Figure:
     """Clean accuracy, ASR and robust accuracy (when measured) against the fraction pruned."""
     frac = curve.fractions()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=120, layout="constrained")
     ax.plot(frac, _pct(curve.clean_acc), label="clean accuracy (validation)", color=CLEAN, lw=2)
     if curve.asr is not None:
         ax.plot(frac, _pct(curve.asr), label="attack success rate", color=ASR, lw=2)
@@ -70,8 +79,7 @@ def pruning_curve_figure(curve: SweepCurve, stop_k: int | None = None, title: st
     ax.set_xlim(0, 1)
     ax.grid(alpha=0.3)
     ax.set_title(title)
-    ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
+    _legend_below(ax, ncol=3)
     return fig
 
 
@@ -88,7 +96,7 @@ def activation_figure(curve: SweepCurve, stop_k: int) -> Figure:
     clean = [curve.channel_means[c] for c in order]
     ranks = list(range(len(order)))
     pruned = set(order[:stop_k])
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10.0, 3.8), dpi=120,
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10.0, 3.9), dpi=120, layout="constrained",
                                    gridspec_kw={"width_ratios": [1.6, 1]})
     colors = [PRUNED if c in pruned else KEPT for c in order]
     ax1.bar(ranks, clean, width=1.0, color=colors, linewidth=0)
@@ -98,14 +106,15 @@ def activation_figure(curve: SweepCurve, stop_k: int) -> Figure:
                  label="mean on triggered inputs")
     if stop_k:
         ax1.axvline(stop_k - 0.5, color="#444", ls="--", lw=1)
-    ax1.bar([], [], color=PRUNED, label=f"pruned ({stop_k})")
-    ax1.bar([], [], color=KEPT, label=f"kept ({len(order) - stop_k})")
+    handles, labels = ax1.get_legend_handles_labels()
+    handles += [Patch(color=PRUNED), Patch(color=KEPT)]
+    labels += [f"pruned ({stop_k})", f"kept ({len(order) - stop_k})"]
     ax1.set_xlim(-0.5, len(order) - 0.5)
     ax1.set_xlabel("channel, in pruning order (lowest clean activation first)")
     ax1.set_ylabel("mean activation")
     ax1.set_title(f"Channels of {curve.layer}", fontsize=10)
     ax1.grid(alpha=0.3, axis="y")
-    ax1.legend(fontsize=8, loc="upper left")
+    ax1.legend(handles, labels, fontsize=8, loc="upper left")
 
     bins = min(40, max(10, len(order) // 4))
     lo = min(clean + (curve.triggered_means or []))
@@ -123,7 +132,6 @@ def activation_figure(curve: SweepCurve, stop_k: int) -> Figure:
     ax2.set_title("Histogram of channel means", fontsize=10)
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
     return fig
 
 
@@ -132,7 +140,7 @@ def finetune_figure(history: TrainHistory, start_acc: float | None = None,
     """Validation accuracy (and ASR when measured) per fine-tuning epoch, best epoch marked.
     Epoch 0 is the model fine-tuning started from (after pruning, for fine-pruning)."""
     epochs = [r.epoch for r in history.epochs]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=120, layout="constrained")
     acc = [r.val_acc for r in history.epochs]
     asr = [r.asr for r in history.epochs]
     x_acc, y_acc = ([0] if start_acc is not None else []) + epochs, \
@@ -157,9 +165,7 @@ def finetune_figure(history: TrainHistory, start_acc: float | None = None,
     if len(epochs) <= 20:
         ax.set_xticks(([0] if start_acc is not None else []) + epochs)
     ax.grid(alpha=0.3)
-    ax.set_title("Fine-tuning")
     lines = ax.get_legend_handles_labels()
     extra = loss_ax.get_legend_handles_labels()
-    ax.legend(lines[0] + extra[0], lines[1] + extra[1], loc="center right", fontsize=8)
-    fig.tight_layout()
+    _legend_below(ax, 2, lines[0] + extra[0], lines[1] + extra[1])
     return fig

@@ -1,0 +1,95 @@
+"""`fineprune defend`: sanitize a received model with the defender's clean data, write a report.
+
+A thin layer: flags (and an optional config file) become a `DefendJob`; `defend_files` does the
+work. Flags given on the command line win over the config file.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..cli import command
+from ..defense.api import METHODS
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    io = p.add_argument_group("model and data")
+    io.add_argument("--model", metavar="FILE", help="the received model: safetensors, a state dict "
+                    "(.pt/.pth) or a TorchScript archive (weights only; never executed)")
+    io.add_argument("--arch", metavar="SPEC", help="architecture: a built-in name, torchvision:NAME "
+                    "or package.module:function")
+    io.add_argument("--num-classes", type=int, metavar="N", help="model outputs (default: the clean data's classes)")
+    io.add_argument("--data", metavar="PATH", help="clean data: ImageFolder dir, .npz (x, y), wav folder, or task:NAME")
+    io.add_argument("--val", metavar="PATH", help="separate clean validation data (default: hold out "
+                    "--val-fraction of --data)")
+    io.add_argument("--val-fraction", type=float, metavar="F", help="held-out part of --data (default 0.2)")
+    io.add_argument("--triggered", metavar="PATH", help="triggered test inputs with their true labels (measures ASR)")
+    io.add_argument("--target", metavar="T", help="the attack's target label (index or class name)")
+    io.add_argument("--out", metavar="DIR", help="output folder (must be new or empty unless --force)")
+    io.add_argument("--force", action="store_true", default=None, help="overwrite fineprune's files in --out")
+    io.add_argument("--config", metavar="FILE", help="options from a TOML (or YAML) file; flags win")
+    pre = p.add_argument_group("preprocessing (inputs become floats in [0, 1], channels first)")
+    pre.add_argument("--mean", type=float, nargs="+", metavar="M", help="normalisation mean, per channel")
+    pre.add_argument("--std", type=float, nargs="+", metavar="S", help="normalisation std, per channel")
+    pre.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="resize images to H x W")
+    pre.add_argument("--audio-length", type=int, metavar="N", help="samples per waveform (wav folders)")
+    pre.add_argument("--sample-rate", type=int, metavar="HZ", help="expected wav sample rate")
+    d = p.add_argument_group("defense")
+    d.add_argument("--method", choices=METHODS, help="fine-prune (default), prune or fine-tune")
+    d.add_argument("--layer", metavar="NAME", help="module whose output is pruned (default: the last conv feature map)")
+    d.add_argument("--threshold", type=float, metavar="POINTS",
+                   help="stop pruning before clean accuracy falls more than this many points (default 4)")
+    d.add_argument("--epochs", type=int, help="fine-tuning epochs (default 10)")
+    d.add_argument("--lr", type=float, help="fine-tuning learning rate (default 0.05)")
+    d.add_argument("--batch-size", type=int, help="fine-tuning batch size (default 64)")
+    d.add_argument("--optimizer", choices=("sgd", "adam"), help="fine-tuning optimizer (default sgd)")
+    d.add_argument("--no-compact", dest="compact", action="store_false", default=None,
+                   help="skip the compact export")
+    r = p.add_argument_group("run")
+    r.add_argument("--seed", type=int, help="seed for the split and fine-tuning (default 0)")
+    r.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    r.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _job(args: argparse.Namespace):
+    from ..pipeline.config import FIELDS, read_config
+    from ..pipeline.job import DefendJob
+
+    options = read_config(args.config) if args.config else {}
+    for name in FIELDS:
+        value = getattr(args, name, None)
+        if value is not None:
+            options[name] = value
+    missing = [n for n in ("model", "arch", "data", "out") if not options.get(n)]
+    if missing:
+        from ..errors import BadInputError
+        raise BadInputError(f"missing {', '.join('--' + m for m in missing)} (give them as flags or in --config)")
+    return DefendJob(**options)
+
+
+def _print_summary(res) -> None:
+    r = res.defense
+    rows = [("clean accuracy", r.before.clean_acc, r.after.clean_acc),
+            ("attack success rate", r.before.asr, r.after.asr),
+            ("robust accuracy", r.before.robust_acc, r.after.robust_acc)]
+    print(f"\n{r.method}: " + (f"pruned {len(r.pruned_channels)}/{r.num_channels} channels of {r.layer}"
+                               if r.layer else "no pruning"))
+    for name, b, a in rows:
+        if b is None:
+            print(f"  {name:<20} not measured (no --triggered set)")
+        else:
+            print(f"  {name:<20} {100 * b:5.1f}% -> {100 * a:5.1f}%")
+    print(f"wrote {', '.join(p.name for p in res.files)} to {res.out}")
+
+
+@command("defend", _args)
+def run(args: argparse.Namespace) -> int:
+    """Remove a backdoor from a received model (files in, sanitized model and report out)."""
+    from ..pipeline.defend_files import defend_files
+
+    job = _job(args)
+    echo = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    res = defend_files(job, progress=not args.quiet, echo=echo)
+    if not args.quiet:
+        _print_summary(res)
+    return 0

@@ -1,0 +1,178 @@
+"""Defend a model given as files: load safely, check, run the defense, export, write everything.
+
+This is `fineprune defend` without the argument parsing. Order matters for the user: the output
+folder and the model file are checked first (the model file is untrusted and refused before any
+other work if it needs unpickling), the data next, and a near-chance clean accuracy is reported
+before the long phases start.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from ..data.splits import holdout
+from ..data.types import tensors
+from ..defense.api import DefenseResult, defend
+from ..defense.compact import CompactResult, compact_model
+from ..errors import BadInputError
+from ..evaluation.metrics import accuracy
+from ..io.arch import build_arch
+from ..io.model_files import load_into, load_weights
+from ..runtime import pick_device, seed_everything
+from .inputs import DataInput, Preprocessing, load_input, relabel_by_name, resolve_target, triggered_set
+from .job import DefendJob
+from .outdir import prepare_out_dir, remove_stale
+from .outputs import write_outputs
+from .provenance import versions
+from .record import RunRecord, model_json
+from .sanity import accuracy_warnings, chance_level, check_labels
+
+PHASES = 6
+
+
+@dataclass
+class DefendFilesResult:
+    """The defense's result, the compact export (None when not attempted), the model.json
+    content, the warnings raised, and the files written."""
+
+    out: Path
+    defense: DefenseResult
+    compact: CompactResult | None
+    record: dict
+    warnings: list[str]
+    files: list[Path]
+
+
+def _same_shape(a: DataInput, b: DataInput) -> None:
+    sa, sb = tuple(tensors(a.dataset)[0].shape[1:]), tuple(tensors(b.dataset)[0].shape[1:])
+    if sa != sb:
+        raise BadInputError(f"{b.source} has inputs of shape {sb} but {a.source} has {sa}; give both "
+                            "in the same layout (or pass --input-size H W to resize images)")
+
+
+def _split(job: DefendJob, clean: DataInput, val: DataInput | None) -> tuple[object, object, dict]:
+    n = len(clean.dataset)
+    if val is not None:
+        train_ds, val_ds = (clean.dataset if job.method != "prune" else None), val.dataset
+        desc = f"{n} samples fine-tune, {len(val.dataset)} validate (--val)" if train_ds is not None \
+            else f"{len(val.dataset)} samples validate (--val); pruning needs no fine-tuning data"
+        frac = None
+    elif job.method == "prune":
+        train_ds, val_ds, frac = None, clean.dataset, None
+        desc = f"all {n} samples validate (pruning needs no fine-tuning data)"
+    else:
+        frac = job.val_fraction
+        train_ds, val_ds = holdout(clean.dataset, frac, job.seed)
+        desc = (f"{n} samples: {len(train_ds)} fine-tune, {len(val_ds)} validate "
+                f"(seeded stratified {100 * frac:.0f}% hold-out, seed {job.seed})")
+    if len(val_ds) == 0 or (train_ds is not None and len(train_ds) == 0):
+        raise BadInputError(f"{clean.source}: too few samples ({n}) to hold out a validation part; "
+                            "give more clean data or a separate --val set")
+    return train_ds, val_ds, {"description": desc, "val_fraction": frac, "val_samples": len(val_ds),
+                              "train_samples": 0 if train_ds is None else len(train_ds)}
+
+
+def defend_files(job: DefendJob, *, progress: bool = False,
+                 echo: Callable[[str], None] | None = None) -> DefendFilesResult:
+    """Run `job` end to end and write its outputs; raises BadInputError for unusable inputs.
+
+    `progress` shows a progress bar (with time left) for each long phase; `echo` receives one
+    line per phase and each warning (the CLI prints them to stderr).
+    """
+    say = echo or (lambda _msg: None)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    job.validate()
+    out = prepare_out_dir(job.out, job.force)
+    seed_everything(job.seed)
+    device = pick_device(job.device)
+
+    say(f"[1/{PHASES}] reading the model file {job.model}")
+    loaded = load_weights(job.model)  # refuses unsafe pickles before anything else happens
+
+    say(f"[2/{PHASES}] loading the data")
+    t0 = time.perf_counter()
+    prep = Preprocessing(job.mean, job.std, job.input_size, job.audio_length, job.sample_rate)
+    clean = load_input(job.data, prep, "clean")
+    classes = clean.class_names
+    val = relabel_by_name(load_input(job.val, prep, "validation"), classes) if job.val else None
+    trig_in = relabel_by_name(load_input(job.triggered, prep, "triggered"), classes) if job.triggered else None
+    for other in (val, trig_in):
+        if other is not None:
+            _same_shape(clean, other)
+    labels = [tensors(d.dataset)[1] for d in (clean, val, trig_in) if d is not None]
+    top = max(int(y.max()) for y in labels) + 1
+    num_classes = int(job.num_classes) if job.num_classes else max(len(classes), top)
+    nc_from = "--num-classes" if job.num_classes else "the clean data's classes"
+    for d in (clean, val, trig_in):
+        if d is not None:
+            check_labels(tensors(d.dataset)[1], num_classes, d.source)
+    x_clean = tensors(clean.dataset)[0]
+    in_channels = int(x_clean.shape[1])
+    model = build_arch(job.arch, num_classes, in_channels=in_channels)
+    load_into(model, loaded)
+    model.eval()
+    with torch.no_grad():
+        logits = model(x_clean[:2])
+    if tuple(logits.shape) != (min(2, len(x_clean)), num_classes):
+        raise BadInputError(f"the model outputs shape {tuple(logits.shape)} for {min(2, len(x_clean))} "
+                            f"inputs; expected (N, {num_classes}) class scores")
+    target = resolve_target(job.target, classes, num_classes) if job.triggered else None
+    triggered = triggered_set(trig_in, target) if trig_in is not None else None
+    train_ds, val_ds, split = _split(job, clean, val)
+    timings["load"] = time.perf_counter() - t0
+
+    say(f"[3/{PHASES}] checking the model on the clean data")
+    t0 = time.perf_counter()
+    acc0 = accuracy(model, val_ds, device)
+    y_val = tensors(val_ds)[1]
+    warnings = accuracy_warnings(acc0, y_val, job.threshold)
+    if job.method == "fine-tune" and job.layer:
+        warnings.append("--layer is ignored by --method fine-tune (nothing is pruned)")
+    for w in warnings:
+        say(f"warning: {w}")
+    say(f"    clean accuracy before the defense: {100 * acc0:.1f}% on {len(y_val)} validation samples")
+    timings["check"] = time.perf_counter() - t0
+
+    say(f"[4/{PHASES}] running {job.method} on {device}")
+    result = defend(model, train_ds, val_ds, job.method, triggered=triggered, layer=job.layer,
+                    threshold=job.threshold, finetune=job.finetune_config(), device=device,
+                    seed=job.seed, progress=progress)
+    timings.update(result.timings)
+    timings["defense"] = result.seconds
+
+    compact = None
+    if job.compact and result.method != "fine-tune":
+        say(f"[5/{PHASES}] compact export (removing the pruned channels)")
+        compact = compact_model(result.model, result.layer, x_clean[:1],
+                                real_inputs=tensors(val_ds)[0][:16], seed=job.seed)
+        timings["compact"] = compact.seconds
+        say(f"    {'exported' if compact.exported else 'skipped'}: {compact.note}")
+    else:
+        say(f"[5/{PHASES}] compact export: not applicable")
+
+    say(f"[6/{PHASES}] writing {out}")
+    inputs = {"clean": clean.describe()}
+    if val is not None:
+        inputs["val"] = val.describe()
+    if trig_in is not None:
+        inputs["triggered"] = {**trig_in.describe(), "samples_used": len(triggered)}
+    timings["total"] = time.perf_counter() - t_start
+    run = RunRecord(
+        job=job, result=result, compact=compact,
+        model_file={"path": str(job.model), "sha256": loaded.sha256, "format": loaded.format},
+        num_classes=num_classes, num_classes_from=nc_from, in_channels=in_channels,
+        input_shape=list(x_clean.shape[1:]), inputs=inputs, target=target, class_names=classes,
+        split=split, sanity={"clean_acc_before": acc0, "chance": chance_level(y_val)},
+        device=str(device), created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        versions=versions(), command=job.command_line(), warnings=warnings, timings=timings)
+    files = write_outputs(out, run)
+    if job.force:
+        remove_stale(out, files)
+    return DefendFilesResult(out=out, defense=result, compact=compact, record=model_json(run),
+                             warnings=warnings, files=files)

@@ -1,0 +1,57 @@
+"""Write a run's files into the output folder, each one atomically."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..defense.compact import save_compact
+from ..defense.persist import save_pruned
+from ..report.html import write_report
+from ..report.plots import activation_figure, finetune_figure, pruning_curve_figure, save_png, figure_png
+from ..runtime import write_json_atomic, write_text_atomic
+from .record import RunRecord, metrics_json, model_json, sweep_csv
+from .report_data import report_data
+
+
+def _weights_metadata(run: RunRecord) -> dict[str, str]:
+    return {"fineprune.version": str(run.versions.get("fineprune")), "fineprune.arch": run.job.arch,
+            "fineprune.num_classes": str(run.num_classes), "fineprune.method": run.result.method,
+            "fineprune.source_sha256": run.model_file["sha256"]}
+
+
+def _figures(run: RunRecord, out: Path, written: list[Path]) -> dict[str, bytes]:
+    r, pngs = run.result, {}
+    if r.sweep is not None:
+        k = run.stop_k or 0
+        pngs["activations"] = figure_png(activation_figure(r.sweep, k))
+        fig = pruning_curve_figure(r.sweep, k, title=f"Pruning {r.layer} (validation data)",
+                                   threshold=r.threshold)
+        pngs["pruning_curve"] = save_png(fig, out / "pruning_curve.png")
+        written.append(out / "pruning_curve.png")
+    if r.finetune is not None and r.finetune.epochs:
+        if r.sweep is not None:
+            k = run.stop_k or 0
+            start = (r.sweep.clean_acc[k], r.sweep.asr[k] if r.sweep.asr is not None else None)
+        else:
+            start = (r.before.clean_acc, r.before.asr)
+        pngs["finetune"] = figure_png(finetune_figure(r.finetune, *start))
+    return pngs
+
+
+def write_outputs(out: Path, run: RunRecord) -> list[Path]:
+    """model.safetensors, model.json, metrics.json, sweep.csv, pruning_curve.png, report.html and,
+    when the cut was exact, model-compact.safetensors. Returns the paths written."""
+    written: list[Path] = []
+    save_pruned(run.result.model, out / "model.safetensors", _weights_metadata(run))
+    written.append(out / "model.safetensors")
+    if run.compact is not None and run.compact.exported:
+        save_compact(run.compact, out / "model-compact.safetensors", _weights_metadata(run))
+        written.append(out / "model-compact.safetensors")
+    if run.result.sweep is not None:
+        write_text_atomic(out / "sweep.csv", sweep_csv(run.result.sweep, run.stop_k))
+        written.append(out / "sweep.csv")
+    pngs = _figures(run, out, written)
+    write_json_atomic(out / "metrics.json", metrics_json(run))
+    write_json_atomic(out / "model.json", model_json(run))
+    write_report(report_data(run, pngs), out / "report.html")
+    written += [out / "metrics.json", out / "model.json", out / "report.html"]
+    return written

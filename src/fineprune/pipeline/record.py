@@ -1,0 +1,132 @@
+"""Everything known about one defense run, and the machine-readable files made from it
+(model.json, metrics.json, sweep.csv)."""
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+
+from ..defense.api import DefenseResult
+from ..defense.compact import CompactResult
+from ..defense.sweep import SweepCurve
+from ..evaluation.metrics import Metrics
+from .job import DefendJob
+
+
+@dataclass
+class RunRecord:
+    job: DefendJob
+    result: DefenseResult
+    compact: CompactResult | None
+    model_file: dict
+    num_classes: int
+    num_classes_from: str
+    in_channels: int
+    input_shape: list[int]
+    inputs: dict[str, dict]
+    target: int | None
+    class_names: list[str]
+    split: dict
+    sanity: dict
+    device: str
+    created: str
+    versions: dict
+    command: str
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def stop_k(self) -> int | None:
+        return self.result.sweep.extra.get("stop_k") if self.result.sweep is not None else None
+
+    def load_snippets(self) -> dict[str, str]:
+        """Python that loads the outputs (the architecture is built exactly as for this run)."""
+        build = f"build_arch({self.job.arch!r}, {self.num_classes}, in_channels={self.in_channels})"
+        out = {"model.safetensors": (
+            "from fineprune.io.arch import build_arch\n"
+            "from fineprune.defense.persist import load_pruned\n"
+            f"model = load_pruned({build}, 'model.safetensors')  # masks re-applied")}
+        if self.compact is not None and self.compact.exported:
+            out["model-compact.safetensors"] = (
+                "from fineprune.io.arch import build_arch\n"
+                "from fineprune.defense.compact import load_compact\n"
+                f"model = load_compact({build}, 'model-compact.safetensors')  # cut replayed, then weights")
+        return out
+
+
+def metrics_dict(m: Metrics) -> dict[str, float]:
+    """clean_acc, plus asr and robust_acc when they were measured."""
+    return {k: round(v, 6) for k, v in m.to_dict().items() if v is not None}
+
+
+def metrics_json(run: RunRecord) -> dict:
+    return {"before": metrics_dict(run.result.before), "after": metrics_dict(run.result.after)}
+
+
+def model_json(run: RunRecord) -> dict:
+    r, job = run.result, run.job
+    hist = r.finetune
+    return {
+        "fineprune": run.versions.get("fineprune"),
+        "created": run.created,
+        "method": r.method,
+        "layer": r.layer,
+        "num_channels": r.num_channels,
+        "pruned_channels": sorted(r.pruned_channels),
+        "pruning_order": list(r.pruned_channels),
+        "pruned_count": len(r.pruned_channels),
+        "threshold_points": r.threshold,
+        "fractions": {"pruned": r.pruned_fraction,
+                      "validation_holdout": run.split.get("val_fraction")},
+        "metrics": {**metrics_json(run), "measured_on": {
+            "clean": f"validation part ({run.split['val_samples']} samples; it also chose the stop "
+                     "point and the fine-tuning epoch)",
+            "triggered": (f"triggered set ({run.inputs['triggered']['samples_used']} inputs whose true "
+                          "label is not the target; it chose nothing)") if "triggered" in run.inputs else None}},
+        "sanity": run.sanity,
+        "sweep": None if r.sweep is None else {"mode": r.sweep.mode, "stop_k": run.stop_k,
+                                               "seconds": round(r.sweep.seconds, 3)},
+        "finetune": None if hist is None else {
+            "config": job.finetune_config().to_dict(),
+            "best_epoch": hist.best_epoch,
+            "epochs": [vars(e) for e in hist.epochs]},
+        "compact": None if run.compact is None else run.compact.to_dict(),
+        "model": {**run.model_file, "arch": job.arch, "num_classes": run.num_classes,
+                  "num_classes_from": run.num_classes_from, "input_shape": run.input_shape},
+        "data": run.inputs,
+        "target": run.target,
+        "target_name": run.class_names[run.target] if run.target is not None
+        and run.target < len(run.class_names) else None,
+        "class_names": run.class_names,
+        "split": run.split,
+        "preprocessing": {"mean": job.mean, "std": job.std,
+                          "input_size": list(job.input_size) if job.input_size else None,
+                          "audio_length": job.audio_length, "sample_rate": job.sample_rate},
+        "seed": job.seed,
+        "device": run.device,
+        "versions": run.versions,
+        "command": run.command,
+        "warnings": run.warnings,
+        "timings_seconds": {k: round(v, 3) for k, v in run.timings.items()},
+        "how_to_load": run.load_snippets(),
+    }
+
+
+def sweep_csv(curve: SweepCurve, stop_k: int | None) -> str:
+    """One row per number of pruned channels k = 0..C (the channel pruned at step k, its means,
+    and the metrics with the first k pruned)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["k", "fraction_pruned", "channel", "channel_mean_clean", "channel_mean_triggered",
+                "clean_acc", "asr", "robust_acc", "chosen"])
+    asr, robust = curve.asr, curve.robust_acc
+    for k in range(curve.num_channels + 1):
+        ch = curve.order[k - 1] if k else None
+        w.writerow([
+            k, f"{k / curve.num_channels:.6f}", "" if ch is None else ch,
+            "" if ch is None else f"{curve.channel_means[ch]:.6g}",
+            "" if ch is None or curve.triggered_means is None else f"{curve.triggered_means[ch]:.6g}",
+            f"{curve.clean_acc[k]:.6f}", "" if asr is None else f"{asr[k]:.6f}",
+            "" if robust is None else f"{robust[k]:.6f}", "1" if k == stop_k else "",
+        ])
+    return buf.getvalue()

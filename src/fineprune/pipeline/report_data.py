@@ -1,0 +1,172 @@
+"""What the HTML report says about a run: the words and numbers, assembled from a RunRecord."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..report.html import FigureBlock, MetricRow, ReportData
+from .record import RunRecord
+
+_METHOD_WORDS = {"fine-prune": "fine-pruning (prune, then fine-tune with the pruned channels held at zero)",
+                 "prune": "pruning only", "fine-tune": "fine-tuning only"}
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def _count(n: int | None) -> str:
+    return "–" if n is None else f"{n:,}"
+
+
+def _verdict(run: RunRecord) -> str:
+    r = run.result
+    b, a = r.before, r.after
+    what = {"fine-prune": f"Pruned {len(r.pruned_channels)} of {r.num_channels} channels of {r.layer}, "
+                          "then fine-tuned.",
+            "prune": f"Pruned {len(r.pruned_channels)} of {r.num_channels} channels of {r.layer}.",
+            "fine-tune": "Fine-tuned all weights on the clean data."}[r.method]
+    ca = f"clean accuracy {_pct(b.clean_acc)} → {_pct(a.clean_acc)} ({100 * (a.clean_acc - b.clean_acc):+.1f} points)"
+    if b.asr is None:
+        return (f"{what} The {ca}. The attack success rate was not measured (no triggered set was "
+                "given), so this report cannot show whether a backdoor was removed.")
+    return f"{what} Attack success rate {_pct(b.asr)} → {_pct(a.asr)}; {ca}."
+
+
+def _summary(run: RunRecord) -> list[tuple[str, str]]:
+    r, job = run.result, run.job
+    rows = [
+        ("model file", f"{Path(str(job.model)).name} ({run.model_file['format']})"),
+        ("architecture", f"{job.arch}, {run.num_classes} classes, input {tuple(run.input_shape)}"),
+        ("method", _METHOD_WORDS[r.method]),
+    ]
+    if r.layer is not None:
+        rows += [("pruned layer", f"{r.layer} ({r.num_channels} channels)"),
+                 ("pruned", f"{len(r.pruned_channels)} of {r.num_channels} channels "
+                            f"({100 * r.pruned_fraction:.1f}%)"),
+                 ("stop rule", f"stay within {r.threshold:g} points of the starting validation accuracy")]
+    if r.finetune is not None:
+        cfg = job.finetune_config()
+        rows.append(("fine-tuning", f"{cfg.epochs} epochs, {cfg.optimizer}, lr {cfg.lr:g}, batch "
+                                    f"{cfg.batch_size}; kept epoch {r.finetune.best_epoch}"))
+    sp = run.split
+    rows.append(("clean data", sp["description"]))
+    if "triggered" in run.inputs:
+        name = run.class_names[run.target] if run.target is not None and run.target < len(run.class_names) else ""
+        label = f"{run.target}" + (f" ({name})" if name and name != str(run.target) else "")
+        rows.append(("triggered set", f"{run.inputs['triggered']['samples_used']} inputs, target label {label}"))
+    else:
+        rows.append(("triggered set", "none given: attack success not measured"))
+    rows += [("device", run.device), ("time", f"{run.timings.get('total', 0.0):.1f} s")]
+    return rows
+
+
+def _metrics(run: RunRecord) -> tuple[list[MetricRow], str]:
+    b, a = run.result.before, run.result.after
+    missing = "not measured: no triggered set given (--triggered FILE --target T)"
+    rows = [
+        MetricRow("Clean accuracy", b.clean_acc, a.clean_acc, "higher",
+                  help="correct predictions on clean validation inputs"),
+        MetricRow("Attack success rate (ASR)", b.asr, a.asr, "lower", missing,
+                  help="triggered inputs classified as the attack's target"),
+        MetricRow("Robust accuracy", b.robust_acc, a.robust_acc, "higher", missing,
+                  help="triggered inputs classified as their true label"),
+    ]
+    note = (f"Clean accuracy is measured on the validation part ({run.split['val_samples']} samples), "
+            "which also chose the stop point and the fine-tuning epoch, so 'after' is slightly "
+            "optimistic; measure on separate test data for an unbiased number.")
+    if "triggered" in run.inputs:
+        note += (f" ASR and robust accuracy are measured on the triggered set "
+                 f"({run.inputs['triggered']['samples_used']} inputs whose true label is not the "
+                 "target), which chose nothing.")
+    return rows, note
+
+
+def _figures(run: RunRecord, pngs: dict[str, bytes]) -> list[FigureBlock]:
+    r = run.result
+    k, layer = run.stop_k, r.layer
+    trig = "triggered" in run.inputs
+    return [
+        FigureBlock(
+            f"Activations of the pruned layer ({layer})" if layer else "Activations of the pruned layer",
+            pngs.get("activations"),
+            f"Left: mean activation of each channel of {layer} on the clean validation inputs, lowest "
+            f"first (the order in which channels are pruned); the {k} pruned channels are orange. "
+            + ("Purple dots: each channel's mean on triggered inputs; channels that the trigger excites "
+               "but clean inputs leave quiet are what pruning is after. " if trig else
+               "No triggered set was given, so the triggered activations are not shown. ")
+            + "Right: histogram of the same channel means.",
+            missing="No layer was pruned (method fine-tune)."),
+        FigureBlock(
+            "Pruning curve", pngs.get("pruning_curve"),
+            "Clean validation accuracy" + (", attack success rate and robust accuracy" if trig else "")
+            + " as the lowest-activation channels are pruned one at a time. Dotted: the stop rule's "
+            f"floor ({r.threshold:g} points below the start); dashed: the stop point, the last k "
+            "that stays above it. Also saved as pruning_curve.png, the numbers as sweep.csv.",
+            missing="No pruning sweep (method fine-tune)."),
+        FigureBlock(
+            "Fine-tuning", pngs.get("finetune"),
+            "Clean validation accuracy" + (" and attack success rate" if trig else "")
+            + " after each fine-tuning epoch (epoch 0: the model fine-tuning started from"
+            + (", i.e. after pruning" if r.method == "fine-prune" else "")
+            + "). The epoch with the best validation accuracy is kept (dashed line); grey dotted: "
+            "training loss (right axis).",
+            missing="No fine-tuning (method prune)."),
+    ]
+
+
+def _change(before: int | None, after: int | None) -> str:
+    return f"{100 * (after - before) / before:+.1f}%" if before and after is not None else ""
+
+
+def _compact(run: RunRecord) -> tuple[list[tuple[str, str, str, str]], list[tuple[str, str]], str]:
+    c = run.compact
+    if c is None:
+        return [], [], ("Not attempted: no channel was pruned (method fine-tune)." if run.result.method == "fine-tune"
+                        else "Not attempted (compact export was turned off with --no-compact).")
+    if not c.exported:
+        return [], [("status", "skipped, no model-compact.safetensors written")], c.note
+    kept = c.channels_before - len(c.removed)
+    table = [
+        (f"channels of {c.layer}", f"{c.channels_before:,}", f"{kept:,}", _change(c.channels_before, kept)),
+        ("parameters", _count(c.params_before), _count(c.params_after), _change(c.params_before, c.params_after)),
+        ("MACs per input", _count(c.macs_before), _count(c.macs_after), _change(c.macs_before, c.macs_after)),
+    ]
+    rows = [
+        ("file", "model-compact.safetensors"),
+        ("outputs vs the masked model", f"max |logit difference| {c.max_abs_diff:.1e} in float64, "
+                                        f"{c.max_abs_diff_float32:.1e} in float32"),
+        ("cut starts at", str(c.anchor)),
+        ("modules reshaped", ", ".join(c.coupled_modules)),
+    ]
+    note = ("The pruned channels are physically removed, with every layer coupled to them "
+            "(Torch-Pruning's dependency graph), and the result is checked against the masked model "
+            "on random and real inputs. MACs (multiply-accumulates, about half the FLOPs) and "
+            f"parameters are counted by Torch-Pruning for one input of shape {tuple(c.input_shape)}. "
+            "The file records the cut in its metadata; load it with "
+            "fineprune.defense.compact.load_compact (see below).")
+    return table, rows, note
+
+
+def _provenance(run: RunRecord) -> list[tuple[str, str]]:
+    rows = [("model file", str(run.job.model)), ("model SHA-256", run.model_file["sha256"])]
+    for role, d in run.inputs.items():
+        rows.append((f"{role} data", f"{d['path']} ({d['samples']} samples)"))
+        if d.get("sha256"):
+            rows.append((f"{role} SHA-256", d["sha256"]))
+    rows += [("seed", str(run.job.seed)), ("created", run.created),
+             ("versions", ", ".join(f"{k} {v}" for k, v in run.versions.items()))]
+    return rows
+
+
+def report_data(run: RunRecord, pngs: dict[str, bytes]) -> ReportData:
+    metrics, note = _metrics(run)
+    compact_table, compact_rows, compact_note = _compact(run)
+    return ReportData(
+        title=f"Fine-Pruning report: {Path(str(run.job.model)).name}",
+        subtitle=f"{run.job.arch} · {run.result.method} · written {run.created} by fineprune "
+                 f"{run.versions.get('fineprune', '')}",
+        verdict=_verdict(run), summary=_summary(run), metrics=metrics, metrics_note=note,
+        warnings=run.warnings, figures=_figures(run, pngs), compact_table=compact_table, compact_rows=compact_rows,
+        compact_note=compact_note, provenance=_provenance(run), command=run.command,
+        how_to_load=[(f"load {name}", code) for name, code in run.load_snippets().items()],
+    )
