@@ -20,10 +20,12 @@ def _args(p: argparse.ArgumentParser) -> None:
                     "or package.module:function")
     io.add_argument("--num-classes", type=int, metavar="N", help="model outputs (default: the clean data's classes)")
     io.add_argument("--data", metavar="PATH", help="clean data: ImageFolder dir, .npz (x, y), wav folder, or task:NAME")
+    io.add_argument("--data-root", metavar="DIR", help="dataset folder for task:NAME data (default $FINEPRUNE_DATA)")
     io.add_argument("--val", metavar="PATH", help="separate clean validation data (default: hold out "
                     "--val-fraction of --data)")
     io.add_argument("--val-fraction", type=float, metavar="F", help="held-out part of --data (default 0.2)")
-    io.add_argument("--triggered", metavar="PATH", help="triggered test inputs with their true labels (measures ASR)")
+    io.add_argument("--triggered", metavar="PATH", help="triggered test inputs with their true labels (measures "
+                    "ASR); task:NAME applies that task's attack to its test split")
     io.add_argument("--target", metavar="T", help="the attack's target label (index or class name)")
     io.add_argument("--out", metavar="DIR", help="output folder (must be new or empty unless --force)")
     io.add_argument("--force", action="store_true", default=None, help="overwrite fineprune's files in --out")
@@ -32,6 +34,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     pre.add_argument("--mean", type=float, nargs="+", metavar="M", help="normalisation mean, per channel")
     pre.add_argument("--std", type=float, nargs="+", metavar="S", help="normalisation std, per channel")
     pre.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="resize images to H x W")
+    pre.add_argument("--image-mode", choices=("rgb", "grey"), help="read image folders as colour or "
+                     "greyscale (default: what the model's first convolution takes)")
     pre.add_argument("--audio-length", type=int, metavar="N", help="samples per waveform (wav folders)")
     pre.add_argument("--sample-rate", type=int, metavar="HZ", help="expected wav sample rate")
     d = p.add_argument_group("defense")

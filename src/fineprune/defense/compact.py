@@ -184,7 +184,7 @@ def compact_model(
     if not res.max_abs_diff <= tol:
         return skip(
             f"removing these channels would change the outputs (max |logit difference| "
-            f"{res.max_abs_diff:.3g} > {tol:g}): the channels are zeroed only at {layer!r}'s output "
+            f"{res.max_abs_diff:.3g} > {tol:g}): the channels are zeroed only at the output of {layer} "
             f"but are still used elsewhere (e.g. a ResNet stage's residual stream, which runs "
             f"through every block of the stage). The masked model.safetensors is exact; "
             f"choose a layer inside a block (--layer) to get a compact export")

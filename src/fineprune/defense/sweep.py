@@ -1,22 +1,28 @@
 """Activation statistics and the pruning sweep (accuracy for every number of pruned channels).
 
 The cached sweep runs the network up to the pruned layer once per input, keeps what crosses the
-cut, and then evaluates only the head for each k, several k per batch. The same pass gives the
-channel statistics. When the model cannot be cut (torch.fx cannot trace it), the fallback runs the
-whole masked network for each k. Both apply the identical mask operation to the identical tensor.
+cut (after the head's zero-preserving channel-wise prefix, e.g. a max-pool: see `head_plan`), and
+then evaluates only the head for each k: incrementally when the head starts with a Linear layer,
+else several k per batch of the exact head. The same pass gives the channel statistics. With
+`max_cache_mb`, what does not fit is recomputed chunk by chunk after the ranking pass instead of
+being kept. When the model cannot be cut (torch.fx cannot trace it), the fallback runs the whole
+masked network for each k. All paths give the predictions of the masked full network.
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .cut import NetworkCut, cut_at
-from .mask import apply_keep, clear_mask, set_pruned
+from .head_plan import HeadPlan, plan_head
+from .mask import clear_mask, set_pruned
 
 log = logging.getLogger(__name__)
 
@@ -71,63 +77,176 @@ def _keep_matrix(order: torch.Tensor, ks: range, device: torch.device) -> torch.
     return (rank.unsqueeze(0) >= ks_t).to(device)
 
 
-class _Cache:
-    """Boundary tensors of one dataset, kept on the compute device."""
-
-    def __init__(self, parts: list[list[torch.Tensor]]) -> None:
-        self.values = [torch.cat(col) for col in zip(*parts)] if parts else []
-
-    @property
-    def h(self) -> torch.Tensor:
-        return self.values[0]
-
-
-@torch.inference_mode()
-def _run_pre(cut: NetworkCut, x: torch.Tensor, batch_size: int, device: torch.device,
-             bar: tqdm | None) -> _Cache:
-    parts = []
-    for i in range(0, x.shape[0], batch_size):
-        out = cut.pre(x[i : i + batch_size].to(device))
-        parts.append([t for t in out])
-        if bar is not None:
-            bar.update(min(batch_size, x.shape[0] - i))
-    return _Cache(parts)
-
-
 def channel_means_of(h: torch.Tensor) -> torch.Tensor:
     """Mean over samples and positions of each channel (dim 1), accumulated in float64."""
     dims = [d for d in range(h.dim()) if d != 1]
     return h.double().mean(dim=dims)
 
 
-@torch.inference_mode()
-def _head_counts(
-    cut: NetworkCut, cache: _Cache, keep: torch.Tensor, labels: list[torch.Tensor],
-    budget_elems: int,
-) -> list[torch.Tensor]:
-    """For each row of `keep`, how many predictions equal each label tensor in `labels`."""
-    n = cache.h.shape[0]
-    per_sample = sum(v[0].numel() for v in cache.values)
-    k_total = keep.shape[0]
-    counts = [torch.zeros(k_total, dtype=torch.long) for _ in labels]
-    # Batch several masks per head call, within a memory budget.
-    sample_chunk = max(1, min(n, budget_elems // max(per_sample, 1)))
-    k_chunk = max(1, budget_elems // max(per_sample * sample_chunk, 1))
-    dev_labels = [lab.to(cache.h.device) for lab in labels]
-    for s in range(0, n, sample_chunk):
-        vals = [v[s : s + sample_chunk] for v in cache.values]
-        m = vals[0].shape[0]
-        for k0 in range(0, k_total, k_chunk):
-            kk = keep[k0 : k0 + k_chunk]
-            r = kk.shape[0]
-            h = vals[0].unsqueeze(0).expand(r, *vals[0].shape).reshape(r * m, *vals[0].shape[1:])
-            keep_rows = kk.repeat_interleave(m, dim=0)
-            h = h.masked_fill(~keep_rows.view(r * m, -1, *([1] * (h.dim() - 2))), 0.0)
-            rest = [v.unsqueeze(0).expand(r, *v.shape).reshape(r * m, *v.shape[1:]) for v in vals[1:]]
-            pred = cut.head(h, *rest).argmax(dim=1).view(r, m)
-            for j, lab in enumerate(dev_labels):
-                counts[j][k0 : k0 + r] += (pred == lab[s : s + m]).sum(dim=1).cpu()
-    return counts
+def _channel_sums(h: torch.Tensor) -> torch.Tensor:
+    """Per-channel float64 sum of one batch: summed per batch in batch order, exactly as
+    `layer_means` does, so the cached and the full sweep rank channels identically."""
+    return h.double().sum(dim=[d for d in range(h.dim()) if d != 1])
+
+
+def _nbytes(values: list[torch.Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in values)
+
+
+def _masked(p: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`p` (..., C, *spatial) with channels where `keep` (..., C) is False set to exactly zero
+    (even Inf/NaN), broadcasting the leading dims: one pass, no intermediate copy."""
+    spatial = p.dim() - keep.dim()
+    return torch.where(keep.view(*keep.shape, *([1] * spatial)), p, 0.0)
+
+
+class _Counter:
+    """Per-k counts of predictions equal to each label tensor, over parts of a data set."""
+
+    def __init__(self, plan: HeadPlan, order: torch.Tensor, num_labels: int, budget_elems: int,
+                 device: torch.device, fast: bool) -> None:
+        self.plan = plan
+        c = order.numel()
+        self.order = order.to(device)
+        self.keep = _keep_matrix(order, range(c + 1), device)  # row k keeps all but order[:k]
+        self.counts = [torch.zeros(c + 1, dtype=torch.long, device=device) for _ in range(num_labels)]
+        self.budget = budget_elems
+        self.fast = fast and plan.linear is not None
+        self.recomputed = 0
+        self.evaluated = 0
+
+    @torch.inference_mode()
+    def add(self, values: list[torch.Tensor], labels: list[torch.Tensor]) -> None:
+        if values[0].shape[0] == 0:
+            return
+        labels = [lab.to(values[0].device) for lab in labels]
+        if self.fast and self._linear_shape_ok(values[0]):
+            self._add_linear(values[0], labels)
+        else:
+            self._add_exact(values, labels)
+
+    def result(self) -> list[list[int]]:
+        return [c.cpu().tolist() for c in self.counts]
+
+    def _tally(self, k0: int, pred: torch.Tensor, labels: list[torch.Tensor]) -> None:
+        for j, lab in enumerate(labels):
+            self.counts[j][k0 : k0 + pred.shape[0]] += (pred == lab).sum(dim=1)
+
+    def _add_exact(self, values: list[torch.Tensor], labels: list[torch.Tensor]) -> None:
+        """Several masks per head call: (k, sample) pairs stacked into one batch."""
+        n, k_total = values[0].shape[0], self.keep.shape[0]
+        per_sample = max(1, sum(v[0].numel() for v in values))
+        m_chunk = max(1, min(n, self.budget // per_sample))
+        k_chunk = max(1, self.budget // (per_sample * m_chunk))
+        for s in range(0, n, m_chunk):
+            vals = [v[s : s + m_chunk] for v in values]
+            m = vals[0].shape[0]
+            for k0 in range(0, k_total, k_chunk):
+                kk = self.keep[k0 : k0 + k_chunk]
+                r = kk.shape[0]
+                p = _masked(vals[0].unsqueeze(0), kk.unsqueeze(1)).view(r * m, *vals[0].shape[1:])
+                rest = [v.unsqueeze(0).expand(r, *v.shape).reshape(r * m, *v.shape[1:]) for v in vals[1:]]
+                pred = self.plan.body(p, *rest).argmax(dim=1).view(r, m)
+                self._tally(k0, pred, [lab[s : s + m] for lab in labels])
+                self.evaluated += r * m
+
+    def _linear_shape_ok(self, p: torch.Tensor) -> bool:
+        lin = self.plan.linear.linear
+        c = self.order.numel()
+        d = math.prod(p.shape[1:])
+        return p.shape[1] == c and d % c == 0 and lin.in_features == d and (p.dim() > 2 or d == c)
+
+    def _add_linear(self, p: torch.Tensor, labels: list[torch.Tensor]) -> None:
+        """logits(k) from logits(k-1) minus channel order[k-1]'s share of the first Linear."""
+        lp = self.plan.linear
+        w, b = lp.linear.weight, lp.linear.bias
+        n, c = p.shape[0], p.shape[1]
+        x = p.reshape(n, -1)
+        s, hidden = x.shape[1] // c, w.shape[0]
+        w_ch = w.view(hidden, c, s).permute(1, 2, 0)  # (C, s, hidden): channel c's block, transposed
+        m_chunk = max(1, min(n, self.budget // (4 * (x.shape[1] + 4 * hidden))))
+        for a in range(0, n, m_chunk):
+            xa = x[a : a + m_chunk]
+            m = xa.shape[0]
+            labs = [lab[a : a + m] for lab in labels]
+            tol = lp.tolerance(xa.abs(), c)
+            z = F.linear(xa, w, b)
+            self._linear_steps(0, z.unsqueeze(0).clone(), tol, p[a : a + m], labs)
+            x_t = xa.view(m, c, s).transpose(0, 1)  # (C, m, s)
+            k_chunk = max(1, min(c, self.budget // (m * (3 * hidden + 8))))
+            for j0 in range(0, c, k_chunk):
+                idx = self.order[j0 : j0 + k_chunk]
+                contrib = torch.bmm(x_t[idx], w_ch[idx]).cumsum_(dim=0)  # (K, m, hidden)
+                zk = torch.sub(z.unsqueeze(0), contrib, out=contrib)
+                z = zk[-1].clone()
+                self._linear_steps(j0 + 1, zk, tol, p[a : a + m], labs)
+
+    def _linear_steps(self, k0: int, zk: torch.Tensor, tol: torch.Tensor, p: torch.Tensor,
+                      labels: list[torch.Tensor]) -> None:
+        r, m = zk.shape[0], zk.shape[1]
+        logits = self.plan.linear.tail_forward(zk.view(r * m, -1))
+        if logits.shape[1] < 2:
+            pred = torch.zeros(r, m, dtype=torch.long, device=logits.device)
+            unsure = ~torch.isfinite(logits).view(r, m)
+        else:
+            top = logits.topk(2, dim=1)
+            pred = top.indices[:, 0].view(r, m)
+            unsure = ~((top.values[:, 0] - top.values[:, 1]).view(r, m) > tol)  # NaN is unsure
+        ks, rows = torch.nonzero(unsure, as_tuple=True)
+        if ks.numel():
+            self.recomputed += ks.numel()
+            step = max(1, self.budget // max(1, p[0].numel()))
+            for i in range(0, ks.numel(), step):
+                kb, rb = ks[i : i + step], rows[i : i + step]
+                pred[kb, rb] = self.plan.body(_masked(p[rb], self.keep[k0 + kb])).argmax(dim=1)
+        self.evaluated += r * m
+        self._tally(k0, pred, labels)
+
+
+@dataclass
+class _Data:
+    """One data set to sweep: inputs, the label tensors to count against, and its progress."""
+
+    x: torch.Tensor
+    labels: list[torch.Tensor]
+    sums: list[torch.Tensor] = field(default_factory=list)
+    stored: list[torch.Tensor] | None = None  # prefixed boundary of samples [0, n_stored)
+    n_stored: int = 0
+
+
+class _Front:
+    """Runs the network's front and the head's prefix batch by batch."""
+
+    def __init__(self, cut: NetworkCut, plan: HeadPlan, batch_size: int, device: torch.device,
+                 bar: tqdm) -> None:
+        self.cut, self.plan, self.bs, self.device, self.bar = cut, plan, batch_size, device, bar
+
+    @torch.inference_mode()
+    def run(self, data: _Data, start: int, stop: int, out: list[torch.Tensor] | None,
+            row0: int = 0) -> None:
+        """Channel sums of samples [start, stop) go to `data.sums`; their prefixed boundary
+        values into `out` (preallocated, rows from `row0`) when given."""
+        for i in range(start, stop, self.bs):
+            j = min(stop, i + self.bs)
+            boundary = self.cut.pre(data.x[i:j].to(self.device))
+            data.sums.append(_channel_sums(boundary[0]))
+            if out is not None:
+                vals = [self.plan.prefix(boundary[0]), *boundary[1:]]
+                for o, v in zip(out, vals):
+                    o[row0 + i - start : row0 + j - start] = v
+            self.bar.update(j - i)
+
+    @torch.inference_mode()
+    def shapes(self, x: torch.Tensor) -> tuple[int, list[tuple[torch.Size, torch.dtype]]]:
+        """Positions per channel of h, and the per-sample shape and dtype of each cached value."""
+        boundary = self.cut.pre(x[:1].to(self.device))
+        vals = [self.plan.prefix(boundary[0]), *boundary[1:]]
+        h = boundary[0]
+        return h[0].numel() // h.shape[1], [(v.shape[1:], v.dtype) for v in vals]
+
+
+def _alloc(shapes: list[tuple[torch.Size, torch.dtype]], n: int, device: torch.device) -> list[torch.Tensor]:
+    return [torch.empty((n, *shape), dtype=dtype, device=device) for shape, dtype in shapes]
 
 
 def cached_sweep(
@@ -140,53 +259,91 @@ def cached_sweep(
     batch_size: int = 256,
     device: torch.device | None = None,
     budget_mb: float = 256.0,
+    max_cache_mb: float | None = None,
     progress: bool = False,
     cut: NetworkCut | None = None,
+    fast: bool = True,
 ) -> SweepCurve:
-    """Sweep k = 0..C with the front of the network run once (see module docstring)."""
+    """Sweep k = 0..C with the front of the network run once (see module docstring).
+
+    `budget_mb` bounds the working memory of batched head calls; `max_cache_mb` bounds the cached
+    features: what does not fit is recomputed in chunks after the ranking pass (no disk needed).
+    `fast=False` disables the incremental linear-head path (for comparisons)."""
     t0 = time.perf_counter()
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         cut = cut or cut_at(model, layer)
-        total = x_clean.shape[0] + (triggered.x.shape[0] if triggered is not None else 0)
+        plan = plan_head(cut)
+        sets = [_Data(x_clean, [y_clean])]
+        if triggered is not None:
+            sets.append(_Data(triggered.x, [triggered.y_target, triggered.y_true]))
+        total = sum(d.x.shape[0] for d in sets)
         bar = tqdm(total=total, desc="cache features", unit="img", disable=not progress, leave=False)
-        clean = _run_pre(cut, x_clean, batch_size, device, bar)
-        trig = _run_pre(cut, triggered.x, batch_size, device, bar) if triggered is not None else None
+        front = _Front(cut, plan, batch_size, device, bar)
+        positions, shapes = front.shapes(x_clean)
+        per_sample = _nbytes([torch.empty(s, dtype=t) for s, t in shapes])
+        room = float("inf") if max_cache_mb is None else max_cache_mb * 2**20
+        # Pass 1: channel statistics, caching what fits. The ranking needs all clean data; the
+        # triggered set's uncached rest is run in pass 2 only.
+        for i, d in enumerate(sets):
+            n = d.x.shape[0]
+            fit = n if room == float("inf") else min(n, int(room // max(per_sample, 1)))
+            fit = fit if fit == n else fit - fit % batch_size
+            room -= fit * per_sample
+            d.n_stored = fit
+            d.stored = _alloc(shapes, fit, device)
+            front.run(d, 0, fit, d.stored)
+            if i == 0 and fit < n:
+                front.run(d, fit, n, None)
         bar.close()
-        means = channel_means_of(clean.h).cpu()
+        means = (torch.stack(sets[0].sums).sum(0) / (sets[0].x.shape[0] * positions)).cpu()
         order = torch.sort(means, stable=True).indices
         c = order.numel()
-        budget = int(budget_mb * 2**20 / 4)
-        kbar = tqdm(total=c + 1, desc="sweep", unit="k", disable=not progress, leave=False)
-        clean_correct = torch.zeros(c + 1, dtype=torch.long)
-        asr_hits = robust_hits = None
-        if trig is not None:
-            asr_hits = torch.zeros(c + 1, dtype=torch.long)
-            robust_hits = torch.zeros(c + 1, dtype=torch.long)
-        step = max(1, min(c + 1, 16))
-        for k0 in range(0, c + 1, step):
-            ks = range(k0, min(c + 1, k0 + step))
-            keep = _keep_matrix(order, ks, clean.h.device)
-            (cc,) = _head_counts(cut, clean, keep, [y_clean], budget)
-            clean_correct[k0 : k0 + len(ks)] = cc
-            if trig is not None:
-                a, r = _head_counts(cut, trig, keep, [triggered.y_target, triggered.y_true], budget)
-                asr_hits[k0 : k0 + len(ks)] = a
-                robust_hits[k0 : k0 + len(ks)] = r
-            kbar.update(len(ks))
+        budget = max(1, int(budget_mb * 2**20 / 4))
+        counters = [_Counter(plan, order, len(d.labels), budget, device, fast) for d in sets]
+        kbar = tqdm(total=total, desc="sweep", unit="img", disable=not progress, leave=False)
+        for d, counter in zip(sets, counters):
+            counter.add(d.stored, [lab[: d.n_stored] for lab in d.labels])
+            kbar.update(d.n_stored)
+            d.stored = None  # free before streaming the rest
+        limit = None if max_cache_mb is None else max_cache_mb * 2**20
+        group = batch_size if limit is None else max(batch_size, int(limit // max(per_sample, 1)) // batch_size * batch_size)
+        for i, d in enumerate(sets):
+            n = d.x.shape[0]
+            for a in range(d.n_stored, n, group):
+                b = min(n, a + group)
+                chunk = _alloc(shapes, b - a, device)
+                if i == 0:
+                    front.run(_Data(d.x, []), a, b, chunk)  # statistics already taken in pass 1
+                else:
+                    front.run(d, a, b, chunk)
+                counters[i].add(chunk, [lab[a:b] for lab in d.labels])
+                kbar.update(b - a)
+                del chunk
         kbar.close()
-        trig_means = channel_means_of(trig.h).cpu().tolist() if trig is not None else None
+        clean_correct, = counters[0].result()
+        asr_hits = robust_hits = trig_means = None
+        if triggered is not None:
+            asr_hits, robust_hits = counters[1].result()
+            trig_means = (torch.stack(sets[1].sums).sum(0)
+                          / (triggered.x.shape[0] * positions)).cpu().tolist()
     finally:
         model.train(was_training)
+    extra = {
+        "fast_path": bool(counters[0].fast), "prefix_ops": plan.prefix_ops,
+        "recomputed": sum(k.recomputed for k in counters),
+        "evaluated": sum(k.evaluated for k in counters),
+        "streamed_samples": sum(d.x.shape[0] - d.n_stored for d in sets),
+        "cache_mb": round(sum(d.n_stored for d in sets) * per_sample / 2**20, 3),
+    }
     return SweepCurve(
         layer=layer, order=order.tolist(), channel_means=means.tolist(),
-        clean_correct=clean_correct.tolist(), num_clean=int(y_clean.shape[0]),
-        asr_hits=None if asr_hits is None else asr_hits.tolist(),
-        robust_hits=None if robust_hits is None else robust_hits.tolist(),
+        clean_correct=clean_correct, num_clean=int(y_clean.shape[0]),
+        asr_hits=asr_hits, robust_hits=robust_hits,
         num_triggered=0 if triggered is None else len(triggered), mode="cached",
-        seconds=time.perf_counter() - t0, triggered_means=trig_means,
+        seconds=time.perf_counter() - t0, triggered_means=trig_means, extra=extra,
     )
 
 
@@ -266,8 +423,10 @@ def sweep(
     model: nn.Module, layer: str, x_clean: torch.Tensor, y_clean: torch.Tensor,
     triggered: "TriggeredSet | None" = None, *, mode: str = "auto", batch_size: int = 256,
     device: torch.device | None = None, progress: bool = False, budget_mb: float = 256.0,
+    max_cache_mb: float | None = None,
 ) -> SweepCurve:
-    """Cached sweep when the model can be cut at `layer`, else the full protocol (`mode="auto"`)."""
+    """Cached sweep when the model can be cut at `layer`, else the full protocol (`mode="auto"`).
+    `budget_mb`: working memory of batched head calls; `max_cache_mb`: bound on cached features."""
     if mode not in ("auto", "cached", "full"):
         raise ValueError(f"sweep mode must be auto, cached or full, not {mode!r}")
     if mode in ("auto", "cached"):
@@ -279,6 +438,7 @@ def sweep(
             log.warning("cannot cut the model at %s (%s); using full forward passes", layer, exc)
         else:
             return cached_sweep(model, layer, x_clean, y_clean, triggered, batch_size=batch_size,
-                                device=device, budget_mb=budget_mb, progress=progress, cut=cut)
+                                device=device, budget_mb=budget_mb, max_cache_mb=max_cache_mb,
+                                progress=progress, cut=cut)
     return full_sweep(model, layer, x_clean, y_clean, triggered, batch_size=batch_size,
                       device=device, progress=progress)

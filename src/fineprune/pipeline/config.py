@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import BadInputError
 from .job import DefendJob
 
-PATH_KEYS = ("model", "data", "val", "triggered", "out")
+PATH_KEYS = ("model", "data", "val", "triggered", "out", "data_root")
 FIELDS = {f.name for f in dataclasses.fields(DefendJob)}
 
 

@@ -21,12 +21,12 @@ from ..defense.api import DefenseResult, defend
 from ..defense.compact import CompactResult, compact_model
 from ..errors import BadInputError
 from ..evaluation.metrics import accuracy
-from ..io.arch import build_arch
-from ..io.model_files import load_into, load_weights
+from ..io.model_files import load_weights
 from ..runtime import pick_device, seed_everything
-from .inputs import DataInput, Preprocessing, load_input, relabel_by_name, resolve_target, triggered_set
+from .inputs import DataInput, Preprocessing, TaskSource, load_input, load_triggered, relabel_by_name
 from .job import DefendJob
-from .outdir import prepare_out_dir, remove_stale
+from .model_input import build_model, check_outputs, first_conv_channels
+from .outdir import check_out_dir, prepare_out_dir, remove_stale
 from .outputs import write_outputs
 from .provenance import versions
 from .record import RunRecord, model_json
@@ -88,42 +88,40 @@ def defend_files(job: DefendJob, *, progress: bool = False,
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     job.validate()
-    out = prepare_out_dir(job.out, job.force)
+    check_out_dir(job.out, job.force)
     seed_everything(job.seed)
     device = pick_device(job.device)
 
     say(f"[1/{PHASES}] reading the model file {job.model}")
     loaded = load_weights(job.model)  # refuses unsafe pickles before anything else happens
+    expected_channels = first_conv_channels(job.arch, loaded)
 
     say(f"[2/{PHASES}] loading the data")
     t0 = time.perf_counter()
-    prep = Preprocessing(job.mean, job.std, job.input_size, job.audio_length, job.sample_rate)
-    clean = load_input(job.data, prep, "clean")
+    image_mode = job.image_mode or {1: "grey", 3: "rgb"}.get(expected_channels or 0)
+    prep = Preprocessing(job.mean, job.std, job.input_size, job.audio_length, job.sample_rate, image_mode)
+    tasks = TaskSource(str(job.data_root) if job.data_root else None, job.seed)
+    clean = load_input(job.data, prep, "clean", tasks)
     classes = clean.class_names
-    val = relabel_by_name(load_input(job.val, prep, "validation"), classes) if job.val else None
-    trig_in = relabel_by_name(load_input(job.triggered, prep, "triggered"), classes) if job.triggered else None
-    for other in (val, trig_in):
-        if other is not None:
-            _same_shape(clean, other)
-    labels = [tensors(d.dataset)[1] for d in (clean, val, trig_in) if d is not None]
+    val = relabel_by_name(load_input(job.val, prep, "validation", tasks), classes) if job.val else None
+    labels = [tensors(d.dataset)[1] for d in (clean, val) if d is not None]
     top = max(int(y.max()) for y in labels) + 1
     num_classes = int(job.num_classes) if job.num_classes else max(len(classes), top)
     nc_from = "--num-classes" if job.num_classes else "the clean data's classes"
+    triggered, trig_in, target = (load_triggered(job.triggered, job.target, prep, classes, num_classes, tasks)
+                                  if job.triggered else (None, None, None))
+    for d in (val, trig_in):
+        if d is not None:
+            _same_shape(clean, d)
     for d in (clean, val, trig_in):
         if d is not None:
             check_labels(tensors(d.dataset)[1], num_classes, d.source)
+    if triggered is not None:
+        check_labels(triggered.y_target, num_classes, f"{job.triggered} (targets)")
     x_clean = tensors(clean.dataset)[0]
     in_channels = int(x_clean.shape[1])
-    model = build_arch(job.arch, num_classes, in_channels=in_channels)
-    load_into(model, loaded)
-    model.eval()
-    with torch.no_grad():
-        logits = model(x_clean[:2])
-    if tuple(logits.shape) != (min(2, len(x_clean)), num_classes):
-        raise BadInputError(f"the model outputs shape {tuple(logits.shape)} for {min(2, len(x_clean))} "
-                            f"inputs; expected (N, {num_classes}) class scores")
-    target = resolve_target(job.target, classes, num_classes) if job.triggered else None
-    triggered = triggered_set(trig_in, target) if trig_in is not None else None
+    model = build_model(job.arch, num_classes, in_channels, loaded, expected_channels)
+    check_outputs(model, x_clean, num_classes)
     train_ds, val_ds, split = _split(job, clean, val)
     timings["load"] = time.perf_counter() - t0
 
@@ -156,6 +154,7 @@ def defend_files(job: DefendJob, *, progress: bool = False,
     else:
         say(f"[5/{PHASES}] compact export: not applicable")
 
+    out = prepare_out_dir(job.out, job.force)
     say(f"[6/{PHASES}] writing {out}")
     inputs = {"clean": clean.describe()}
     if val is not None:
@@ -168,7 +167,7 @@ def defend_files(job: DefendJob, *, progress: bool = False,
         model_file={"path": str(job.model), "sha256": loaded.sha256, "format": loaded.format},
         num_classes=num_classes, num_classes_from=nc_from, in_channels=in_channels,
         input_shape=list(x_clean.shape[1:]), inputs=inputs, target=target, class_names=classes,
-        split=split, sanity={"clean_acc_before": acc0, "chance": chance_level(y_val)},
+        split=split, preprocessing=prep.to_dict(), sanity={"clean_acc_before": round(acc0, 6), "chance": round(chance_level(y_val), 6)},
         device=str(device), created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         versions=versions(), command=job.command_line(), warnings=warnings, timings=timings)
     files = write_outputs(out, run)

@@ -8,6 +8,7 @@ and the attack's target given as an index or a class name.
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from ..data.generic import load_data
-from ..data.types import make_dataset, tensors
+from ..data.types import TaskData, make_dataset, tensors
 from ..errors import BadInputError
 from ..evaluation.metrics import TriggeredSet
 from .provenance import sha256_path
@@ -33,6 +34,7 @@ class Preprocessing:
     input_size: tuple[int, int] | None = None
     audio_length: int | None = None
     sample_rate: int | None = None
+    image_mode: str | None = None  # "rgb" or "grey" for image folders; None: the loader's default
 
     def apply(self, x: torch.Tensor, source: str) -> torch.Tensor:
         if self.input_size is not None:
@@ -56,7 +58,8 @@ class Preprocessing:
     def to_dict(self) -> dict:
         return {"mean": self.mean, "std": self.std,
                 "input_size": list(self.input_size) if self.input_size else None,
-                "audio_length": self.audio_length, "sample_rate": self.sample_rate}
+                "audio_length": self.audio_length, "sample_rate": self.sample_rate,
+                "image_mode": self.image_mode}
 
 
 @dataclass
@@ -76,40 +79,49 @@ class DataInput:
                 "input_shape": list(x.shape[1:]), **self.info}
 
 
-def _load_task(name: str) -> tuple[TensorDataset, list[str], dict]:
-    """A built-in task's validation split (the defender's clean data for that task)."""
-    try:
-        tasks = importlib.import_module("fineprune.tasks")
-    except ImportError:
-        raise BadInputError(f"built-in tasks are not available in this installation; pass a data "
-                            f"file or folder instead of {TASK_PREFIX}{name}") from None
-    loader = getattr(tasks, "load_task", None) or getattr(tasks, "get_task", None)
-    if loader is None:
-        raise BadInputError(f"fineprune.tasks offers no load_task(); pass a data file instead of "
-                            f"{TASK_PREFIX}{name}")
-    try:
-        task = loader(name)
-    except (KeyError, ValueError) as exc:
-        raise BadInputError(f"unknown built-in task {name!r} ({exc})") from None
-    data = getattr(task, "data", task)
-    if callable(data):
-        data = data()
-    val = getattr(data, "val", None)
-    if val is None:
-        raise BadInputError(f"built-in task {name!r} has no validation split to use as clean data")
-    names = list(getattr(data, "class_names", []) or [])
-    return val, names, {"task": name}
+class TaskSource:
+    """Built-in tasks (`task:NAME`), each loaded once per run: the validation split is clean
+    data, and the task's own attack on its test split is a triggered set."""
+
+    def __init__(self, data_root: str | None, seed: int) -> None:
+        self.data_root = data_root or os.environ.get("FINEPRUNE_DATA") or ""
+        self.seed = seed
+        self._loaded: dict[str, tuple[object, TaskData]] = {}
+
+    def get(self, name: str) -> tuple[object, TaskData]:
+        if name not in self._loaded:
+            try:
+                tasks = importlib.import_module("fineprune.tasks")
+            except ImportError:
+                raise BadInputError(f"built-in tasks are not available in this installation; pass a "
+                                    f"data file or folder instead of {TASK_PREFIX}{name}") from None
+            spec = tasks.get_task(name)
+            self._loaded[name] = (spec, spec.load(self.data_root, seed=self.seed))
+        return self._loaded[name]
+
+    def clean(self, name: str) -> tuple[TensorDataset, list[str], dict]:
+        _, data = self.get(name)
+        info = {"task": name, "split": "val", "seed": self.seed}
+        return data.val, list(data.class_names) or [str(i) for i in range(data.num_classes)], info
+
+    def triggered(self, name: str) -> tuple[TriggeredSet, dict]:
+        spec, data = self.get(name)
+        attack = spec.make_attack(seed=self.seed, data=data)
+        info = {"task": name, "split": "test", "seed": self.seed, "attack": attack.describe()}
+        return attack.triggered(data.test), info
 
 
-def load_input(spec: str | Path, prep: Preprocessing, role: str) -> DataInput:
+def load_input(spec: str | Path, prep: Preprocessing, role: str, tasks: TaskSource) -> DataInput:
     """Load `spec` (an .npz, an image or wav folder, or `task:NAME`) and preprocess it."""
     text = str(spec)
     if text.startswith(TASK_PREFIX):
-        ds, names, info = _load_task(text[len(TASK_PREFIX):])
+        ds, names, info = tasks.clean(text[len(TASK_PREFIX):])
         sha, folder = None, False
     else:
         path = Path(text).expanduser()
-        opts = {"size": prep.input_size, "length": prep.audio_length, "sample_rate": prep.sample_rate}
+        mode = {"rgb": "RGB", "grey": "L"}.get(prep.image_mode or "")
+        opts = {"size": prep.input_size, "mode": mode, "length": prep.audio_length,
+                "sample_rate": prep.sample_rate}
         try:
             ds, names = load_data(path, **opts)
         except BadInputError as exc:
@@ -159,12 +171,28 @@ def resolve_target(target: int | str, classes: list[str], num_classes: int) -> i
     return t
 
 
-def triggered_set(data: DataInput, target: int) -> TriggeredSet:
-    """Triggered inputs with their true labels; inputs already labelled `target` are dropped
-    (their 'attack success' would be the model's clean skill)."""
+def load_triggered(spec: str | Path, target: int | str | None, prep: Preprocessing,
+                   classes: list[str], num_classes: int, tasks: TaskSource
+                   ) -> tuple[TriggeredSet, DataInput, int | None]:
+    """The triggered set and its description; the target is resolved against the clean classes.
+
+    From a file or folder, every input gets `target` as the attack's label (inputs already
+    labelled `target` are dropped: their 'attack success' would be the model's clean skill).
+    `task:NAME` applies the task's own attack to its test split (its policy gives the targets)."""
+    text = str(spec)
+    if text.startswith(TASK_PREFIX):
+        trig, info = tasks.triggered(text[len(TASK_PREFIX):])
+        trig.x = prep.apply(trig.x, f"triggered data {text}")
+        desc = DataInput(make_dataset(trig.x, trig.y_true), classes, text, None, False, info)
+        targets = torch.unique(trig.y_target).tolist()
+        return trig, desc, int(targets[0]) if len(targets) == 1 else None
+    if target is None:
+        raise BadInputError("--triggered needs --target: the label the attack sends triggered inputs to")
+    data = relabel_by_name(load_input(spec, prep, "triggered", tasks), classes)
+    t = resolve_target(target, classes, num_classes)
     x, y = tensors(data.dataset)
-    trig = TriggeredSet(x, y, torch.full_like(y, target))
+    trig = TriggeredSet(x, y, torch.full_like(y, t))
     if len(trig) == 0:
-        raise BadInputError(f"{data.source}: every triggered input is labelled {target} (the target); "
+        raise BadInputError(f"{data.source}: every triggered input is labelled {t} (the target); "
                             "label triggered inputs with their true class")
-    return trig
+    return trig, data, t

@@ -21,8 +21,10 @@ class DefendJob:
     """Inputs and options of one defense run (paths may be str or Path).
 
     `data` is a file/folder of clean data (or `task:NAME` for a built-in task's validation
-    split); unless `val` is given, a seeded stratified `val_fraction` of it is held out to choose
-    the stop point and the fine-tuning epoch. `triggered` + `target` only measure the attack.
+    split, read from `data_root`, default $FINEPRUNE_DATA); unless `val` is given, a seeded
+    stratified `val_fraction` of it is held out to choose the stop point and the fine-tuning
+    epoch. `triggered` + `target` only measure the attack (`triggered="task:NAME"`: the task's
+    own attack on its test split, no target needed).
     """
 
     model: str | Path
@@ -41,6 +43,8 @@ class DefendJob:
     input_size: tuple[int, int] | None = None
     audio_length: int | None = None
     sample_rate: int | None = None
+    image_mode: str | None = None
+    data_root: str | Path | None = None
     val_fraction: float = 0.2
     epochs: int | None = None
     lr: float | None = None
@@ -72,9 +76,14 @@ class DefendJob:
             if len(size) != 2 or min(size) < 1:
                 raise BadInputError(f"--input-size takes two positive integers H W, got {self.input_size}")
             self.input_size = size  # type: ignore[assignment]
-        if (self.triggered is None) != (self.target is None):
-            raise BadInputError("--triggered and --target go together: the triggered set's inputs and "
-                                "the label the attack sends them to (an index or a class name)")
+        if self.target is not None and self.triggered is None:
+            raise BadInputError("--target needs --triggered: a set of triggered inputs to measure "
+                                "the attack on")
+        if self.triggered is not None and self.target is None and not str(self.triggered).startswith("task:"):
+            raise BadInputError("--triggered needs --target: the label the attack sends triggered "
+                                "inputs to (an index or a class name)")
+        if self.image_mode is not None and self.image_mode not in ("rgb", "grey"):
+            raise BadInputError(f"--image-mode must be rgb or grey, not {self.image_mode!r}")
         if self.epochs is not None and int(self.epochs) < 0:
             raise BadInputError(f"--epochs must be >= 0, got {self.epochs}")
         if self.lr is not None and not float(self.lr) > 0:

@@ -11,14 +11,21 @@ OUTPUT_FILES = ("model.safetensors", "model.json", "metrics.json", "sweep.csv", 
                 "report.html", "model-compact.safetensors")
 
 
-def prepare_out_dir(path: str | os.PathLike[str], force: bool) -> Path:
-    """Create `path`, or accept it when empty; a non-empty folder only with `force`."""
+def check_out_dir(path: str | os.PathLike[str], force: bool) -> Path:
+    """Refuse a file, or a non-empty folder without `force`; creates nothing (a run refused
+    later, e.g. for an unsafe model file, leaves no trace)."""
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise BadInputError(f"--out {out} is a file, not a folder; choose a folder for the results")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise BadInputError(f"--out {out} exists and is not empty; choose a new folder, or pass --force "
                             "to overwrite fineprune's files in it")
+    return out
+
+
+def prepare_out_dir(path: str | os.PathLike[str], force: bool) -> Path:
+    """Check (as `check_out_dir`) and create the folder."""
+    out = check_out_dir(path, force)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -28,6 +28,7 @@ class RunRecord:
     class_names: list[str]
     split: dict
     sanity: dict
+    preprocessing: dict
     device: str
     created: str
     versions: dict
@@ -99,9 +100,7 @@ def model_json(run: RunRecord) -> dict:
         and run.target < len(run.class_names) else None,
         "class_names": run.class_names,
         "split": run.split,
-        "preprocessing": {"mean": job.mean, "std": job.std,
-                          "input_size": list(job.input_size) if job.input_size else None,
-                          "audio_length": job.audio_length, "sample_rate": job.sample_rate},
+        "preprocessing": run.preprocessing,
         "seed": job.seed,
         "device": run.device,
         "versions": run.versions,

@@ -27,8 +27,9 @@ def _verdict(run: RunRecord) -> str:
             "fine-tune": "Fine-tuned all weights on the clean data."}[r.method]
     ca = f"clean accuracy {_pct(b.clean_acc)} → {_pct(a.clean_acc)} ({100 * (a.clean_acc - b.clean_acc):+.1f} points)"
     if b.asr is None:
-        return (f"{what} The {ca}. The attack success rate was not measured (no triggered set was "
-                "given), so this report cannot show whether a backdoor was removed.")
+        return (f"{what} Clean accuracy went from {ca[len('clean accuracy '):]}. The attack success rate "
+                "was not measured (no triggered set was given), so this report cannot show whether a "
+                "backdoor was removed.")
     return f"{what} Attack success rate {_pct(b.asr)} → {_pct(a.asr)}; {ca}."
 
 
@@ -51,9 +52,13 @@ def _summary(run: RunRecord) -> list[tuple[str, str]]:
     sp = run.split
     rows.append(("clean data", sp["description"]))
     if "triggered" in run.inputs:
-        name = run.class_names[run.target] if run.target is not None and run.target < len(run.class_names) else ""
-        label = f"{run.target}" + (f" ({name})" if name and name != str(run.target) else "")
-        rows.append(("triggered set", f"{run.inputs['triggered']['samples_used']} inputs, target label {label}"))
+        n = run.inputs["triggered"]["samples_used"]
+        if run.target is None:
+            rows.append(("triggered set", f"{n} inputs, targets set by {run.job.triggered}'s attack"))
+        else:
+            name = run.class_names[run.target] if run.target < len(run.class_names) else ""
+            label = f"{run.target}" + (f" ({name})" if name and name != str(run.target) else "")
+            rows.append(("triggered set", f"{n} inputs, target label {label}"))
     else:
         rows.append(("triggered set", "none given: attack success not measured"))
     rows += [("device", run.device), ("time", f"{run.timings.get('total', 0.0):.1f} s")]
@@ -71,9 +76,11 @@ def _metrics(run: RunRecord) -> tuple[list[MetricRow], str]:
         MetricRow("Robust accuracy", b.robust_acc, a.robust_acc, "higher", missing,
                   help="triggered inputs classified as their true label"),
     ]
-    note = (f"Clean accuracy is measured on the validation part ({run.split['val_samples']} samples), "
-            "which also chose the stop point and the fine-tuning epoch, so 'after' is slightly "
-            "optimistic; measure on separate test data for an unbiased number.")
+    chose = {"fine-prune": "the stop point and the fine-tuning epoch", "prune": "the stop point",
+             "fine-tune": "the fine-tuning epoch"}[run.result.method]
+    note = (f"Clean accuracy is measured on the validation data ({run.split['val_samples']} samples), "
+            f"which also chose {chose}, so 'after' is slightly optimistic; measure on separate test "
+            "data for an unbiased number.")
     if "triggered" in run.inputs:
         note += (f" ASR and robust accuracy are measured on the triggered set "
                  f"({run.inputs['triggered']['samples_used']} inputs whose true label is not the "
@@ -100,7 +107,7 @@ def _figures(run: RunRecord, pngs: dict[str, bytes]) -> list[FigureBlock]:
             "Pruning curve", pngs.get("pruning_curve"),
             "Clean validation accuracy" + (", attack success rate and robust accuracy" if trig else "")
             + " as the lowest-activation channels are pruned one at a time. Dotted: the stop rule's "
-            f"floor ({r.threshold:g} points below the start); dashed: the stop point, the last k "
+            f"floor ({run.job.threshold:g} points below the start); dashed: the stop point, the last k "
             "that stays above it. Also saved as pruning_curve.png, the numbers as sweep.csv.",
             missing="No pruning sweep (method fine-tune)."),
         FigureBlock(

@@ -17,15 +17,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from ..attack.badnets import BadNets
 from ..attack.pruning_aware import PruningAwareAttack
 from ..data.splits import holdout
 from ..defense.api import DEFAULT_FINETUNE, DefenseResult, defend
 from ..defense.persist import load_pruned, save_pruned
-from ..evaluation.metrics import evaluate
+from ..data.types import TaskData
+from ..evaluation.metrics import TriggeredSet, evaluate
 from ..runtime import pick_device, seed_everything, write_json_atomic
-from ..tasks import get_task, shrink
+from ..tasks import TaskSpec, get_task, shrink
 from ..training import TrainConfig, train
 
 ATTACKS = ("none", "badnets", "pruning-aware")
@@ -73,10 +75,13 @@ class _ModelStore:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
-    def get(self, name: str, recipe: dict, build: "callable", make: "callable") -> tuple[nn.Module, dict, bool]:
+    def files(self, name: str, recipe: dict) -> tuple[Path, Path]:
+        """(weights, info) paths of the model `name` made by `recipe` (they may not exist yet)."""
         fp = _fingerprint(recipe)
-        weights = self.folder / f"{name}-{fp}.safetensors"
-        info_path = self.folder / f"{name}-{fp}.json"
+        return self.folder / f"{name}-{fp}.safetensors", self.folder / f"{name}-{fp}.json"
+
+    def get(self, name: str, recipe: dict, build: "callable", make: "callable") -> tuple[nn.Module, dict, bool]:
+        weights, info_path = self.files(name, recipe)
         if weights.exists() and info_path.exists():
             model = load_pruned(build(), weights)
             return model, json.loads(info_path.read_text()), True
@@ -85,6 +90,146 @@ class _ModelStore:
         save_pruned(model, weights, {"fineprune.recipe": json.dumps(recipe, default=str)})
         write_json_atomic(info_path, {"recipe": recipe, **info})
         return model, info, False
+
+
+@dataclass
+class TaskSetup:
+    """Everything one (task, seed, data settings) needs before any model is trained or defended:
+    shared by `fineprune reproduce` (one per task) and `fineprune grid` (one per cell)."""
+
+    task: TaskSpec
+    data: TaskData
+    attack: BadNets
+    train_cfg: TrainConfig
+    ft_cfg: TrainConfig
+    defender_train: TensorDataset
+    defender_val: TensorDataset
+    attacker_val: TensorDataset
+    trig_test: TriggeredSet
+    trig_val: TriggeredSet
+    base: dict  # the recipe every model of this setup shares (its fingerprint names the files)
+    seed: int
+    device: torch.device
+    progress: bool = False
+    attacker_val_fraction: float = 0.2
+
+    def fresh(self) -> nn.Module:
+        torch.manual_seed(self.seed)
+        return self.task.build_model().to(self.device)
+
+
+def load_task_data(task: TaskSpec, data_root: str, seed: int, subsample: float = 1.0) -> TaskData:
+    """The task's splits, shrunk to `subsample` (seeded)."""
+    return shrink(task.load(data_root, seed=seed), subsample, seed)
+
+
+def prepare_task(task: TaskSpec, data: TaskData, *, data_root: str, seed: int, subsample: float = 1.0,
+                 poison_rate: float | None = None, epochs: int | None = None,
+                 finetune_epochs: int | None = None, defender_val_fraction: float = 0.3,
+                 attacker_val_fraction: float = 0.2, device: str | torch.device | None = None,
+                 progress: bool = False) -> TaskSetup:
+    """Attack, training settings and the defender's / attacker's splits for `data`
+    (`poison_rate` None: the task's own rate)."""
+    attack: BadNets = task.make_attack(seed=seed, rate=poison_rate, data=data)
+    train_cfg: TrainConfig = task.attacker
+    if epochs is not None:
+        train_cfg = TrainConfig(**{**train_cfg.to_dict(), "epochs": epochs})
+    ft_cfg: TrainConfig = copy.deepcopy(task.finetune or DEFAULT_FINETUNE)
+    if finetune_epochs is not None:
+        ft_cfg = TrainConfig(**{**ft_cfg.to_dict(), "epochs": finetune_epochs})
+
+    defender_train, defender_val = holdout(data.val, defender_val_fraction, seed)
+    _, attacker_val = holdout(data.train, attacker_val_fraction, seed + 1)
+    trig_test = attack.triggered(data.test)
+    trig_val = attack.triggered(defender_val)  # measured along the sweep only; never chooses
+    base = {"task": task.name, "seed": seed, "subsample": subsample, "train": train_cfg.to_dict(),
+            "arch": task.arch, "data_root": str(Path(data_root).resolve())}
+    return TaskSetup(task=task, data=data, attack=attack, train_cfg=train_cfg, ft_cfg=ft_cfg,
+                     defender_train=defender_train, defender_val=defender_val, attacker_val=attacker_val,
+                     trig_test=trig_test, trig_val=trig_val, base=base, seed=seed,
+                     device=pick_device(device), progress=progress,
+                     attacker_val_fraction=attacker_val_fraction)
+
+
+def model_recipe(setup: TaskSetup, attack_name: str, pa_threshold: float = 4.0) -> tuple[str, dict]:
+    """(file name stem, recipe) of the model `attack_name` ("none" = clean) trained for `setup`."""
+    name = setup.task.name
+    if attack_name == "none":
+        return f"{name}-clean", setup.base
+    if attack_name == "badnets":
+        return f"{name}-badnets", {**setup.base, "attack": setup.attack.describe()}
+    if attack_name == "pruning-aware":
+        recipe = {**setup.base, "attack": setup.attack.describe(), "pa_threshold": pa_threshold}
+        if setup.attacker_val_fraction != 0.2:  # the default leaves the recipe (and cached files) as before
+            recipe["attacker_val_fraction"] = setup.attacker_val_fraction
+        return f"{name}-pruning-aware", recipe
+    raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, not {attack_name!r}")
+
+
+def get_model(setup: TaskSetup, attack_name: str, store: _ModelStore, *, pa_threshold: float = 4.0,
+              clean: "callable | None" = None) -> tuple[nn.Module, dict, bool]:
+    """The model `attack_name` of `setup`: from `store` when its recipe was trained before, else
+    trained now and stored. Returns (model, info, reused). The pruning-aware attack starts from
+    the clean model: `clean()` must return (clean model, its info) when it has to be trained."""
+    name, recipe = model_recipe(setup, attack_name, pa_threshold)
+    task, dev, seed, train_cfg = setup.task, setup.device, setup.seed, setup.train_cfg
+
+    def make_clean():
+        t0 = time.perf_counter()
+        m = setup.fresh()
+        train(m, setup.data.train, train_cfg, device=dev, seed=seed, progress=setup.progress,
+              desc=f"{task.name}: clean")
+        return m, {"train_seconds": time.perf_counter() - t0}
+
+    def make_badnets():
+        t0 = time.perf_counter()
+        m = setup.fresh()
+        train(m, setup.attack.poison(setup.data.train).dataset, train_cfg, device=dev, seed=seed,
+              progress=setup.progress, desc=f"{task.name}: badnets")
+        return m, {"train_seconds": time.perf_counter() - t0}
+
+    def make_pruning_aware():
+        if clean is None:
+            raise ValueError("the pruning-aware attack needs the clean model (pass clean=)")
+        t0 = time.perf_counter()
+        clean_model, clean_info = clean()
+        # The attacker backdoors the pruned clean net with half its usual training per round.
+        backdoor_cfg = TrainConfig(**{**train_cfg.to_dict(), "epochs": max(1, train_cfg.epochs // 2)})
+        pa = PruningAwareAttack(setup.attack, threshold=pa_threshold, backdoor=backdoor_cfg, seed=seed,
+                                device=dev, progress=setup.progress)
+        res = pa.run(copy.deepcopy(clean_model), setup.data.train, setup.attacker_val)
+        return res.model, {"train_seconds": time.perf_counter() - t0 + clean_info.get("train_seconds", 0.0),
+                           "layer": res.layer, "decoys": res.decoys, "bias_param": res.bias_param,
+                           "rounds": res.rounds}
+
+    make = {"none": make_clean, "badnets": make_badnets, "pruning-aware": make_pruning_aware}[attack_name]
+    return store.get(name, recipe, setup.fresh, make)
+
+
+def defend_one(setup: TaskSetup, attack_name: str, model: nn.Module, info: dict, defense: str,
+               threshold: float) -> tuple[dict, DefenseResult | None]:
+    """Run `defense` on `model` with the defender's clean data and measure it on the test split:
+    one results row (task, attack, defense, clean_acc, asr, robust_acc, pruned_fraction, seconds, ...)."""
+    if defense not in DEFENSES:
+        raise ValueError(f"defense must be one of {', '.join(DEFENSES)}, not {defense!r}")
+    t0 = time.perf_counter()
+    if defense == "none":
+        repaired, pruned_fraction, res = model, 0.0, None
+    else:
+        res = defend(model, setup.defender_train, setup.defender_val, _METHOD[defense], triggered=setup.trig_val,
+                     threshold=threshold, finetune=setup.ft_cfg, device=setup.device, seed=setup.seed)
+        repaired, pruned_fraction = res.model, res.pruned_fraction
+    m = evaluate(repaired, setup.data.test, setup.trig_test, setup.device)
+    row = {"task": setup.task.name, "attack": attack_name, "defense": defense, **m.to_dict(),
+           "pruned_fraction": pruned_fraction, "seconds": round(time.perf_counter() - t0, 3)}
+    if defense == "none":
+        row["train_seconds"] = round(info.get("train_seconds", 0.0), 3)
+    if res is not None and res.sweep is not None:
+        row["stop_k"] = res.sweep.extra["stop_k"]
+        row["num_channels"] = res.num_channels
+    if res is not None and res.finetune is not None:
+        row["best_epoch"] = res.finetune.best_epoch
+    return row, res
 
 
 def run_reproduce(cfg: ReproduceConfig) -> list[dict]:
@@ -110,67 +255,24 @@ def _log(cfg: ReproduceConfig, msg: str) -> None:
 
 
 def _run_task(task, cfg: ReproduceConfig, out: Path) -> tuple[list[dict], dict]:
-    dev = pick_device(cfg.device)
     seed_everything(cfg.seed)
     t_load = time.perf_counter()
-    data = shrink(task.load(cfg.data_root, seed=cfg.seed), cfg.subsample, cfg.seed)
+    data = load_task_data(task, cfg.data_root, cfg.seed, cfg.subsample)
     _log(cfg, f"[{task.name}] data: train {len(data.train)}, val {len(data.val)}, test {len(data.test)} "
               f"({time.perf_counter() - t_load:.1f}s)")
-    attack: BadNets = task.make_attack(seed=cfg.seed, data=data)
-    train_cfg: TrainConfig = task.attacker
-    if cfg.epochs is not None:
-        train_cfg = TrainConfig(**{**train_cfg.to_dict(), "epochs": cfg.epochs})
-    ft_cfg: TrainConfig = copy.deepcopy(task.finetune or DEFAULT_FINETUNE)
-    if cfg.finetune_epochs is not None:
-        ft_cfg = TrainConfig(**{**ft_cfg.to_dict(), "epochs": cfg.finetune_epochs})
-
-    defender_train, defender_val = holdout(data.val, cfg.defender_val_fraction, cfg.seed)
-    _, attacker_val = holdout(data.train, cfg.attacker_val_fraction, cfg.seed + 1)
-    trig_test = attack.triggered(data.test)
-    trig_val = attack.triggered(defender_val)  # measured along the sweep only; never chooses
-
+    setup = prepare_task(task, data, data_root=cfg.data_root, seed=cfg.seed, subsample=cfg.subsample,
+                         epochs=cfg.epochs, finetune_epochs=cfg.finetune_epochs,
+                         defender_val_fraction=cfg.defender_val_fraction,
+                         attacker_val_fraction=cfg.attacker_val_fraction, device=cfg.device,
+                         progress=cfg.progress)
     store = _ModelStore(out / "models")
-    base = {"task": task.name, "seed": cfg.seed, "subsample": cfg.subsample, "train": train_cfg.to_dict(),
-            "arch": task.arch, "data_root": str(Path(cfg.data_root).resolve())}
-    attack_desc = attack.describe()
 
-    def fresh() -> nn.Module:
-        torch.manual_seed(cfg.seed)
-        return task.build_model().to(dev)
-
-    def make_clean():
-        t0 = time.perf_counter()
-        m = fresh()
-        train(m, data.train, train_cfg, device=dev, seed=cfg.seed, progress=cfg.progress, desc=f"{task.name}: clean")
-        return m, {"train_seconds": time.perf_counter() - t0}
-
-    clean, clean_info, reused = store.get(f"{task.name}-clean", base, fresh, make_clean)
+    clean, clean_info, reused = get_model(setup, "none", store)
     _log(cfg, f"[{task.name}] clean model {'reused' if reused else 'trained'}")
-
-    def make_badnets():
-        t0 = time.perf_counter()
-        m = fresh()
-        train(m, attack.poison(data.train).dataset, train_cfg, device=dev, seed=cfg.seed,
-              progress=cfg.progress, desc=f"{task.name}: badnets")
-        return m, {"train_seconds": time.perf_counter() - t0}
-
-    badnets, bad_info, reused = store.get(f"{task.name}-badnets", {**base, "attack": attack_desc}, fresh, make_badnets)
+    badnets, bad_info, reused = get_model(setup, "badnets", store)
     _log(cfg, f"[{task.name}] badnets model {'reused' if reused else 'trained'}")
-
-    def make_pruning_aware():
-        t0 = time.perf_counter()
-        # The attacker backdoors the pruned clean net with half its usual training per round.
-        backdoor_cfg = TrainConfig(**{**train_cfg.to_dict(), "epochs": max(1, train_cfg.epochs // 2)})
-        pa = PruningAwareAttack(attack, threshold=cfg.threshold, backdoor=backdoor_cfg, seed=cfg.seed,
-                                device=dev, progress=cfg.progress)
-        res = pa.run(copy.deepcopy(clean), data.train, attacker_val)
-        return res.model, {"train_seconds": time.perf_counter() - t0 + clean_info.get("train_seconds", 0.0),
-                           "layer": res.layer, "decoys": res.decoys, "bias_param": res.bias_param,
-                           "rounds": res.rounds}
-
-    aware, aware_info, reused = store.get(
-        f"{task.name}-pruning-aware", {**base, "attack": attack_desc, "pa_threshold": cfg.threshold},
-        fresh, make_pruning_aware)
+    aware, aware_info, reused = get_model(setup, "pruning-aware", store, pa_threshold=cfg.threshold,
+                                          clean=lambda: (clean, clean_info))
     _log(cfg, f"[{task.name}] pruning-aware model {'reused' if reused else 'trained'} "
               f"({len(aware_info.get('decoys', []))} decoys)")
 
@@ -178,27 +280,11 @@ def _run_task(task, cfg: ReproduceConfig, out: Path) -> tuple[list[dict], dict]:
     for attack_name, model, info in (("none", clean, clean_info), ("badnets", badnets, bad_info),
                                      ("pruning-aware", aware, aware_info)):
         for defense in DEFENSES:
-            t0 = time.perf_counter()
-            if defense == "none":
-                repaired, pruned_fraction, res = model, 0.0, None
-            else:
-                res = defend(model, defender_train, defender_val, _METHOD[defense], triggered=trig_val,
-                             threshold=cfg.threshold, finetune=ft_cfg, device=dev, seed=cfg.seed)
-                repaired, pruned_fraction = res.model, res.pruned_fraction
-                if res.sweep is not None and defense == "pruning":
-                    curves[(task.name, attack_name)] = res
-            m = evaluate(repaired, data.test, trig_test, dev)
-            row = {"task": task.name, "attack": attack_name, "defense": defense, **m.to_dict(),
-                   "pruned_fraction": pruned_fraction, "seconds": round(time.perf_counter() - t0, 3)}
-            if defense == "none":
-                row["train_seconds"] = round(info.get("train_seconds", 0.0), 3)
-            if res is not None and res.sweep is not None:
-                row["stop_k"] = res.sweep.extra["stop_k"]
-                row["num_channels"] = res.num_channels
-            if res is not None and res.finetune is not None:
-                row["best_epoch"] = res.finetune.best_epoch
+            row, res = defend_one(setup, attack_name, model, info, defense, cfg.threshold)
+            if res is not None and res.sweep is not None and defense == "pruning":
+                curves[(task.name, attack_name)] = res
             rows.append(row)
             asr = "-" if row["asr"] is None else f"{100 * row['asr']:.1f}%"
             _log(cfg, f"  {task.name:<8} {attack_name:<14} {defense:<13} CA {100 * row['clean_acc']:.1f}%  "
-                      f"ASR {asr}  pruned {100 * pruned_fraction:.0f}%  ({row['seconds']:.1f}s)")
+                      f"ASR {asr}  pruned {100 * row['pruned_fraction']:.0f}%  ({row['seconds']:.1f}s)")
     return rows, curves

@@ -1,0 +1,105 @@
+"""What runs inside a Ray worker: train one model, or defend and measure one cell.
+
+Both are plain functions (the runner wraps them with `ray.remote`), importable by every worker
+from the installed `fineprune` package. Models live in `OUT/models` under the same recipe
+fingerprints as `fineprune reproduce` uses, so a resumed grid (or a reproduce run in the same
+folder) reuses them. Each worker process keeps the last loaded datasets in memory.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from .config import load_plugins
+
+_DATA_CACHE: OrderedDict = OrderedDict()
+_DATA_CACHE_SIZE = 2
+
+
+def _task_data(task, data_root: str, seed: int, subsample: float):
+    from ..pipeline.reproduce import load_task_data
+
+    key = (task.name, str(data_root), seed, subsample)
+    if key in _DATA_CACHE:
+        _DATA_CACHE.move_to_end(key)
+        return _DATA_CACHE[key]
+    data = load_task_data(task, data_root, seed, subsample)
+    _DATA_CACHE[key] = data
+    while len(_DATA_CACHE) > _DATA_CACHE_SIZE:
+        _DATA_CACHE.popitem(last=False)
+    return data
+
+
+def _setup(params: dict, data_root: str, device: str | None):
+    from ..pipeline.reproduce import prepare_task
+    from ..runtime import seed_everything
+    from ..tasks import get_task
+
+    task = get_task(params["task"])
+    seed = params["seed"]
+    seed_everything(seed)
+    data = _task_data(task, data_root, seed, params["subsample"])
+    return prepare_task(
+        task, data, data_root=data_root, seed=seed, subsample=params["subsample"],
+        poison_rate=params.get("poison_rate"), epochs=params.get("epochs"),
+        finetune_epochs=params.get("finetune_epochs"),
+        defender_val_fraction=params.get("defender_val_fraction") or 0.3,
+        attacker_val_fraction=params.get("attacker_val_fraction") or 0.2,
+        device=device, progress=False)
+
+
+def _where() -> dict:
+    return {"node": socket.gethostname(), "pid": os.getpid()}
+
+
+def train_model(spec: dict, clean: dict | None = None) -> dict:
+    """Train (or find on disk) the model of `spec` = {"key", "params", "models_dir", "data_root",
+    "device", "plugins"}; `clean` is the clean model's result (pruning-aware only).
+    Returns {"key", "path", "info", "reused", "seconds", "node", "pid"}."""
+    from ..defense.persist import load_pruned
+    from ..pipeline.reproduce import _ModelStore, get_model, model_recipe
+
+    t0 = time.perf_counter()
+    load_plugins(spec.get("plugins", []))
+    params = spec["params"]
+    setup = _setup(params, spec["data_root"], spec.get("device"))
+    store = _ModelStore(Path(spec["models_dir"]))
+    attack = params["attack"]
+    pa_threshold = params.get("attack_threshold") or 4.0
+
+    def clean_model():
+        if clean is None:
+            raise ValueError("the pruning-aware model needs the clean model's result")
+        return load_pruned(setup.fresh(), clean["path"]), clean["info"]
+
+    _, info, reused = get_model(setup, attack, store, pa_threshold=pa_threshold, clean=clean_model)
+    name, recipe = model_recipe(setup, attack, pa_threshold)
+    weights, _ = store.files(name, recipe)
+    info = {k: v for k, v in info.items() if k != "recipe"}
+    return {"key": spec["key"], "path": str(weights), "info": info, "reused": reused,
+            "seconds": round(time.perf_counter() - t0, 3), **_where()}
+
+
+def run_cell(cell: dict, model: dict) -> dict:
+    """Defend the trained `model` (a `train_model` result) as the cell says and measure it on the
+    test split. `cell` = {"id", "params", "data_root", "device", "plugins"}. Returns the cell's
+    metrics (the runner adds the params and bookkeeping)."""
+    from ..defense.persist import load_pruned
+    from ..pipeline.reproduce import defend_one
+    from ..runtime import seed_everything
+
+    t0 = time.perf_counter()
+    load_plugins(cell.get("plugins", []))
+    params = cell["params"]
+    setup = _setup(params, cell["data_root"], cell.get("device"))
+    net = load_pruned(setup.fresh(), model["path"])
+    seed_everything(params["seed"])  # the same cell gives the same numbers in any worker
+    threshold = params["threshold"] if params["threshold"] is not None else 4.0
+    row, _ = defend_one(setup, params["attack"], net, model.get("info", {}), params["defense"], threshold)
+    for k in ("task", "attack", "defense"):
+        row.pop(k, None)
+    row["cell_seconds"] = round(time.perf_counter() - t0, 3)
+    return {**row, **_where()}

@@ -1,0 +1,281 @@
+"""`fineprune defend` end to end, in process: model formats, unsafe files, data formats, outputs."""
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+import pickle
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fineprune import AllToOne, BadNets, PatchTrigger
+from fineprune.cli import main
+from fineprune.data.embedded import load_mnist5k
+from fineprune.defense.compact import load_compact
+from fineprune.defense.mask import pruned_channels
+from fineprune.defense.persist import load_pruned
+from fineprune.evaluation.metrics import predict
+from fineprune.models.small import SmallCNN
+from fineprune.training import TrainConfig, train
+
+FACTORY = '''
+from fineprune.models.small import SmallCNN
+
+def small8(num_classes=10, in_channels=1):
+    return SmallCNN(in_channels=in_channels, num_classes=num_classes, width=8)
+'''
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models on a shared 2-core machine run far faster on one thread.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Workspace:
+    """A backdoored model in every format, clean and triggered data, an architecture factory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        data = load_mnist5k(seed=0)
+        attack = BadNets(PatchTrigger(size=(3, 3)), AllToOne(0), rate=0.1, seed=0)
+        torch.manual_seed(0)
+        model = SmallCNN(width=8)
+        train(model, attack.poison(data.train).dataset,
+              TrainConfig(epochs=3, lr=2e-3, optimizer="adam", weight_decay=0.0, schedule="constant"),
+              device=torch.device("cpu"), seed=0)
+        self.model = model.eval()
+        # The splits are ordered by class; shuffle so that any prefix holds every class.
+        g = torch.Generator().manual_seed(0)
+        x, y = data.val.tensors
+        perm = torch.randperm(len(y), generator=g)
+        self.x_val, self.y_val = x[perm], y[perm]
+        trig = attack.triggered(data.test)
+        perm = torch.randperm(len(trig), generator=g)
+        self.x_trig, self.y_trig = trig.x[perm], trig.y_true[perm]
+        (root / "nets_for_defend.py").write_text(FACTORY)
+        self.arch = "nets_for_defend:small8"
+        from safetensors.torch import save_file
+
+        save_file(model.state_dict(), root / "model.safetensors")
+        torch.save(model.state_dict(), root / "model.pt")
+        with warnings.catch_warnings():  # torch.jit.script is deprecated, TorchScript files are not
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.script(model).save(str(root / "model-script.pt"))
+        # Clean data as uint8 channels-last (NHWC), triggered as float channels-first.
+        u8 = (self.x_val * 255).round().to(torch.uint8)
+        np.savez(root / "clean.npz", x=u8.permute(0, 2, 3, 1).numpy(), y=self.y_val.numpy())
+        np.savez(root / "small.npz", x=u8[:200].numpy(), y=self.y_val[:200].numpy())
+        np.savez(root / "trig.npz", x=self.x_trig.numpy(), y=self.y_trig.numpy())
+
+    def val_u8(self, n: int | None = None) -> torch.Tensor:
+        x = (self.x_val * 255).round() / 255
+        return x if n is None else x[:n]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Workspace:
+    root = tmp_path_factory.mktemp("defend")
+    sys.path.insert(0, str(root))
+    try:
+        yield Workspace(root)
+    finally:
+        sys.path.remove(str(root))
+        sys.modules.pop("nets_for_defend", None)
+
+
+def run_cli(*args: Any) -> int:
+    return main(["defend", *[str(a) for a in args]])
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fineprune: error:") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_end_to_end_fine_prune_cuts_asr(ws, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = run_cli("--model", ws.root / "model.safetensors", "--arch", ws.arch, "--data", ws.root / "clean.npz",
+                 "--triggered", ws.root / "trig.npz", "--target", 0, "--out", out, "--quiet")
+    assert rc == 0, capsys.readouterr().err
+    names = {p.name for p in out.iterdir()}
+    assert names == {"model.safetensors", "model.json", "metrics.json", "sweep.csv", "pruning_curve.png",
+                     "report.html", "model-compact.safetensors"}
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    before, after = metrics["before"], metrics["after"]
+    print("end-to-end metrics:", metrics)
+    assert set(before) == set(after) == {"clean_acc", "asr", "robust_acc"}
+    assert before["asr"] > 0.8 and after["asr"] < 0.5 and after["asr"] < before["asr"] - 0.4
+    assert after["clean_acc"] > before["clean_acc"] - 0.06
+
+    info = json.loads((out / "model.json").read_text())
+    assert info["layer"] == "features.7" and info["method"] == "fine-prune"
+    assert info["pruned_count"] == len(info["pruned_channels"]) > 0
+    assert info["fractions"]["pruned"] == pytest.approx(info["pruned_count"] / 32)
+    assert info["threshold_points"] == 4.0 and info["seed"] == 0
+    assert info["model"]["sha256"] == hashlib.sha256((ws.root / "model.safetensors").read_bytes()).hexdigest()
+    assert info["data"]["clean"]["sha256"] == hashlib.sha256((ws.root / "clean.npz").read_bytes()).hexdigest()
+    assert info["data"]["triggered"]["sha256"]
+    assert {"fineprune", "torch"} <= set(info["versions"])
+    assert info["metrics"]["before"] == before and info["split"]["val_samples"] == 200
+    assert info["compact"]["exported"] and info["compact"]["params_after"] < info["compact"]["params_before"]
+
+    # The saved model reloads with its masks; the compact one computes the same function.
+    masked = load_pruned(SmallCNN(width=8), out / "model.safetensors").eval()
+    assert pruned_channels(masked, "features.7") == info["pruned_channels"]
+    compact = load_compact(SmallCNN(width=8), out / "model-compact.safetensors").eval()
+    x = ws.x_trig[:64]
+    with torch.no_grad():
+        assert (masked(x) - compact(x)).abs().max() <= 1e-5
+    # ...and it really is the defended model: its ASR on the triggered set is the reported one.
+    asr = float((predict(masked, ws.x_trig) == 0).float().mean())
+    assert asr == pytest.approx(after["asr"], abs=1e-6)
+
+    rows = (out / "sweep.csv").read_text().splitlines()
+    assert rows[0].startswith("k,fraction_pruned,channel") and len(rows) == 1 + 33
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert page.count("data:image/png;base64,") == 3  # activations, pruning curve, fine-tuning
+    assert f"{100 * after['asr']:.1f}%" in page and f"{100 * before['clean_acc']:.1f}%" in page
+    assert "features.7" in page and info["model"]["sha256"] in page
+    assert (out / "pruning_curve.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("filename,fmt", [("model.safetensors", "safetensors"), ("model.pt", "state_dict"),
+                                          ("model-script.pt", "torchscript")])
+def test_each_model_format_round_trips(ws, tmp_path, filename, fmt):
+    out = tmp_path / "out"
+    assert run_cli("--model", ws.root / filename, "--arch", ws.arch, "--data", ws.root / "small.npz",
+                   "--method", "prune", "--out", out, "--quiet") == 0
+    info = json.loads((out / "model.json").read_text())
+    assert info["model"]["format"] == fmt
+    # "before" is the received model on all 200 samples (prune holds nothing out): same weights.
+    direct = float((predict(ws.model, ws.val_u8(200)) == ws.y_val[:200]).float().mean())
+    assert info["metrics"]["before"]["clean_acc"] == pytest.approx(direct, abs=1e-6)
+    assert info["split"]["val_samples"] == 200
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "not measured: no triggered set given" in page
+
+
+def test_fine_tune_only_writes_no_pruning_outputs(ws, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("--model", ws.root / "model.safetensors", "--arch", ws.arch, "--data", ws.root / "small.npz",
+                   "--method", "fine-tune", "--epochs", 1, "--out", out, "--quiet") == 0
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "model.json", "metrics.json", "report.html"}
+    info = json.loads((out / "model.json").read_text())
+    assert info["layer"] is None and info["pruned_channels"] == [] and info["compact"] is None
+    assert len(info["finetune"]["epochs"]) == 1
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert page.count("data:image/png;base64,") == 1 and "No pruning sweep (method fine-tune)" in page
+
+
+class TouchPayload:
+    """Unpickling this calls pathlib.Path.touch(marker): stands in for arbitrary attacker code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(ws, tmp_path, capsys):
+    control = tmp_path / "control-ran"
+    pickle.loads(pickle.dumps(TouchPayload(control)))
+    assert control.exists()  # the payload is live when unpickled
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    state = {k: v for k, v in ws.model.state_dict().items()}
+    state["features.0.weight"] = TouchPayload(marker)
+    torch.save(state, evil)
+    out = tmp_path / "out"
+    rc = run_cli("--model", evil, "--arch", ws.arch, "--data", ws.root / "small.npz", "--out", out, "--quiet")
+    assert rc == 2
+    err = one_line_error(capsys)
+    assert "evil.pt" in err
+    assert not marker.exists()
+    assert not out.exists()  # refused before anything was written
+
+
+def _write_image_folder(root: Path, x: torch.Tensor, y: torch.Tensor, skip_class: int | None = None) -> None:
+    for i, (img, label) in enumerate(zip(x, y.tolist())):
+        if label == skip_class:
+            continue
+        d = root / str(label)
+        d.mkdir(parents=True, exist_ok=True)
+        arr = (img[0] * 255).round().to(torch.uint8).numpy()
+        Image.fromarray(arr, mode="L").save(d / f"{i:04d}.png")
+
+
+def test_image_folders_as_clean_and_triggered_data(ws, tmp_path):
+    """Greyscale PNG folders; the triggered folder lacks the target's class folder, so its labels
+    must be mapped onto the clean classes by name, not by position."""
+    _write_image_folder(tmp_path / "clean", ws.x_val[:120], ws.y_val[:120])
+    _write_image_folder(tmp_path / "trig", ws.x_trig[:150], ws.y_trig[:150], skip_class=0)
+    out = tmp_path / "out"
+    assert run_cli("--model", ws.root / "model.safetensors", "--arch", ws.arch, "--data", tmp_path / "clean",
+                   "--triggered", tmp_path / "trig", "--target", 0, "--method", "prune",
+                   "--out", out, "--quiet") == 0
+    info = json.loads((out / "model.json").read_text())
+    assert info["data"]["clean"]["samples"] == 120 and info["data"]["clean"]["input_shape"] == [1, 28, 28]
+    direct = float((predict(ws.model, ws.val_u8(120)) == ws.y_val[:120]).float().mean())
+    assert info["metrics"]["before"]["clean_acc"] == pytest.approx(direct, abs=1e-6)
+    xt = (ws.x_trig[:150] * 255).round() / 255
+    pred = predict(ws.model, xt)
+    assert info["metrics"]["before"]["asr"] == pytest.approx(float((pred == 0).float().mean()), abs=1e-6)
+    assert info["metrics"]["before"]["robust_acc"] == pytest.approx(
+        float((pred == ws.y_trig[:150]).float().mean()), abs=1e-6)
+
+
+def test_refuses_to_overwrite_without_force(ws, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ["--model", ws.root / "model.safetensors", "--arch", ws.arch, "--data", ws.root / "small.npz",
+            "--method", "prune", "--out", out, "--quiet"]
+    assert run_cli(*args) == 2
+    assert "--force" in one_line_error(capsys)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert run_cli(*args, "--force") == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "report.html").exists()
+
+
+def test_config_file_with_flags_winning(ws, tmp_path):
+    cfg = tmp_path / "defend.toml"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "small.npz").write_bytes((ws.root / "small.npz").read_bytes())
+    cfg.write_text(f'model = "{ws.root / "model.safetensors"}"\narch = "{ws.arch}"\ndata = "data/small.npz"\n'
+                   'out = "result"\nmethod = "fine-prune"\n[finetune]\nepochs = 1\n')
+    assert run_cli("--config", cfg, "--method", "prune", "--threshold", 2, "--quiet") == 0
+    info = json.loads((tmp_path / "result" / "model.json").read_text())
+    assert info["method"] == "prune" and info["threshold_points"] == 2.0
+    assert info["data"]["clean"]["path"] == str(tmp_path / "data" / "small.npz")
+
+
+@pytest.mark.parametrize("override,needle", [
+    ({"--triggered": ["trig.npz"]}, "--target"),
+    ({"--arch": ["no_such_module_xyz:f"]}, "no_such_module_xyz"),
+    ({"--num-classes": ["7"]}, "--num-classes"),
+    ({"--data": ["missing.npz"]}, "missing.npz"),
+    ({"--mean": ["0.5", "0.5"], "--std": ["0.2"]}, "--std"),
+    ({"--input-size": ["20", "20"]}, "--input-size"),
+])
+def test_bad_inputs_exit_2_with_one_line(ws, tmp_path, capsys, monkeypatch, override, needle):
+    monkeypatch.chdir(ws.root)
+    flags = {"--model": ["model.safetensors"], "--arch": [ws.arch], "--data": ["small.npz"],
+             "--out": [str(tmp_path / "out")], **override}
+    assert run_cli(*[a for flag, values in flags.items() for a in (flag, *values)], "--quiet") == 2
+    assert needle in one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
