@@ -4,3 +4,4 @@ from . import preview  # noqa: F401
 from . import train  # noqa: F401
 from . import reproduce  # noqa: F401
 from . import defend  # noqa: F401
+from . import grid  # noqa: F401

@@ -6,13 +6,14 @@ Two facts about the head (the network after the masked tensor h) make the sweep 
   eval-mode dropout) commute with the mask *bit for bit*: f(mask(h)) == mask(f(h)). Those that
   follow h directly form the *prefix*; it runs once on the cached h, and the (often pooled,
   smaller) result is cached instead.
-* When what follows the prefix is `[flatten] -> Linear -> tail` (the tail a chain of ReLU, dropout
-  and Linear layers), the Linear's output after pruning k channels is that of k-1 channels minus
-  the contribution of channel order[k-1]. All k then cost about one pass of that Linear, plus the
-  small tail per k. Float sums in another order differ in the last bits, so each prediction comes
-  with a rigorous per-sample rounding bound covering *both* this path and a full forward pass
-  (see `LinearPath.tolerance`); predictions whose top-2 logit margin is within it are recomputed
-  with the exact head, so the result equals the full passes' predictions.
+* When every use of the prefix's output is a Linear (after flatten) or a convolution -- the
+  *frontier* -- each frontier output after pruning k channels is that of k-1 channels minus the
+  contribution of channel order[k-1]. All k then cost about one pass of the frontier layers,
+  plus the rest of the head (the *tail*: ReLU, the next layers) per k. Float sums in another
+  order differ in the last bits, so each prediction comes with a rigorous per-sample rounding
+  bound covering *both* this path and a full forward pass (`error_bounds`); predictions whose
+  top-2 logit margin is within it are recomputed with the exact head, so the result equals the
+  full passes' predictions.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from . import error_bounds as eb
 from .cut import NetworkCut
 
 # f(0) == 0 exactly, channel c of the output depends on channel c of the input only.
@@ -37,10 +39,6 @@ _ZERO_CHANNELWISE_FUNCTIONS = {
     F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
 }
 _ZERO_CHANNELWISE_METHODS = {"relu"}
-# Tail steps with a known rounding behaviour (1-Lipschitz elementwise, or Linear).
-_LIPSCHITZ_MODULES = (nn.ReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-
-
 def _modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
     return dict(gm.named_modules())
 
@@ -88,79 +86,85 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
+_CONV_FNS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+_IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
 @dataclass
-class LinearPath:
-    """The head after the prefix is `[flatten] -> linear -> tail`; `tail` is a list of modules."""
+class Frontier:
+    """A first linear layer after the prefix: its output is affine in the cached tensor p."""
 
-    linear: nn.Linear
-    tail: list[nn.Module]
+    module: nn.Module  # nn.Linear (on flatten(p)) or nn.ConvNd (on p)
+    flattened: bool = True  # whether the Linear's input went through flatten(1)
 
-    def tail_forward(self, z: torch.Tensor) -> torch.Tensor:
-        for m in self.tail:
-            z = m(z)
-        return z
+    def full(self, p: torch.Tensor) -> torch.Tensor:
+        """Output with no channel pruned."""
+        return self.module(p.flatten(1) if isinstance(self.module, nn.Linear) else p)
 
-    def tolerance(self, x_abs: torch.Tensor, num_channels: int) -> torch.Tensor:
-        """Per-sample bound B such that, for every k, |fast logit - full-pass logit| summed over
-        any two classes is at most B (so a top-2 margin above B means both pick the same class).
+    def contributions(self, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """(K, m, *out): what channel idx[j] of p adds to the output (no bias)."""
+        mod, m, c = self.module, p.shape[0], p.shape[1]
+        if isinstance(mod, nn.Linear):
+            x = p.reshape(m, c, -1).transpose(0, 1)[idx]  # (K, m, s)
+            w = mod.weight.view(mod.out_features, c, -1)[:, idx].permute(1, 2, 0)  # (K, s, out)
+            return torch.bmm(x, w)
+        k = idx.numel()
+        w = mod.weight[:, idx].transpose(0, 1).reshape(k * mod.out_channels, 1, *mod.weight.shape[2:])
+        y = _CONV_FNS[type(mod)](p[:, idx], w, None, mod.stride, mod.padding, mod.dilation, k)
+        return y.view(m, k, mod.out_channels, *y.shape[2:]).transpose(0, 1)
 
-        Standard float error bounds (any summation order, FMA or not): a dot product of n terms
-        plus bias is off by at most gamma(n+1) * (|b| + sum |w||x|). Pruning only removes terms,
-        so T = |b| + |W||x| (unpruned x) bounds every k's sums. The incremental update adds at
-        most 2C roundings of numbers no larger than T. The tail is propagated with
-        |value| <= M and |difference| <= D: 1-Lipschitz steps keep D, a Linear maps D -> |W| D
-        plus both paths' own rounding.
-        """
-        u = _unit_roundoff(x_abs.dtype)
-        d = x_abs.shape[1]
-        s = max(1, d // max(num_channels, 1))
-        w, b = self.linear.weight, self.linear.bias
-        b_abs = b.abs() if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-        t = F.linear(x_abs, w.abs(), b_abs)
-        t = t * (1 + _gamma(d + 1, u))  # the bound itself is computed in float
-        m = t
-        dev = (2 * _gamma(d + 1, u) + _gamma(s, u) + _gamma(2 * num_channels + 2, u)) * t
-        for mod in self.tail:
-            if isinstance(mod, nn.Linear):
-                n = mod.in_features
-                wa = mod.weight.abs()
-                ba = mod.bias.abs() if mod.bias is not None else 0.0
-                mag_in = m + dev
-                m = F.linear(m, wa) + ba
-                dev = F.linear(dev, wa) + 2 * _gamma(n + 1, u) * (F.linear(mag_in, wa) + ba)
-                dev = dev * (1 + _gamma(n + 1, u))
-                m = m * (1 + _gamma(n + 1, u))
-            elif isinstance(mod, nn.LeakyReLU):
-                dev = dev + 2 * u * (m + dev)
-        # Two classes, times a safety factor for the float evaluation of the bound and underflow.
-        tiny = torch.finfo(x_abs.dtype).tiny * (d + 2)
-        return 4 * dev.amax(dim=1) + tiny
+    def bound(self, p: torch.Tensor, num_channels: int, u: float) -> eb.Bound:
+        """(M, D) of the output for every k: the full pass's dot products (n terms) and the fast
+        path's (one of n at k = 0, channel shares of n / C terms, at most 2C roundings after)."""
+        mod = self.module
+        wa = mod.weight.abs()
+        if isinstance(mod, nn.Linear):
+            x, apply = p.abs().flatten(1), (lambda v: F.linear(v, wa))
+        else:
+            conv = _CONV_FNS[type(mod)]
+            x, apply = p.abs(), (lambda v: conv(v, wa, None, mod.stride, mod.padding, mod.dilation))
+        n = mod.weight[0].numel()
+        t, _ = eb.linear_bound(x, torch.zeros_like(x), apply, mod.bias, n, u)
+        s = max(1, n // max(num_channels, 1))
+        dev = (2 * eb.gamma(n + 1, u) + eb.gamma(s, u) + eb.gamma(2 * num_channels + 2, u)) * t
+        return t, dev
 
 
-def _gamma(n: int, u: float) -> float:
-    return n * u / (1 - n * u) if n * u < 0.5 else float("inf")
+@dataclass
+class FastPath:
+    """`tail(*frontier outputs) -> logits`; the frontier is kept per k incrementally."""
 
+    frontier: list[Frontier]
+    tail: fx.GraphModule
 
-def _unit_roundoff(dtype: torch.dtype) -> float:
-    """Unit roundoff of the matmuls actually used (TF32 / bfloat16 modes round much coarser)."""
-    if dtype == torch.float64:
-        return 2.0**-53
-    if dtype != torch.float32:
-        return float("inf")
-    precise = torch.get_float32_matmul_precision() == "highest"
-    if torch.cuda.is_available():
-        precise = precise and not torch.backends.cuda.matmul.allow_tf32
-    return 2.0**-24 if precise else 2.0**-8
+    def applies_to(self, p: torch.Tensor) -> bool:
+        """Shape checks that tracing cannot make (a Linear must read exactly flatten(p))."""
+        for f in self.frontier:
+            if isinstance(f.module, nn.Linear) and (f.module.in_features != p[0].numel()
+                                                    or not (f.flattened or p.dim() == 2)):
+                return False
+            if not isinstance(f.module, nn.Linear) and (f.module.groups != 1 or p.dim() < 3):
+                return False
+        if p.is_cuda and any(not isinstance(f.module, nn.Linear) for f in self.frontier):
+            return False  # cuDNN may pick Winograd/FFT convolutions, outside the dot-product bound
+        return True
+
+    def tolerance(self, p: torch.Tensor) -> torch.Tensor:
+        """Per-sample top-2 margin above which the fast prediction is the full pass's, for all k."""
+        u = eb.unit_roundoff(p.dtype)
+        bounds = [f.bound(p, p.shape[1], u) for f in self.frontier]
+        _, d = eb.propagate(self.tail, bounds, u)
+        return eb.margin_tolerance(d)
 
 
 @dataclass
 class HeadPlan:
-    """`prefix(h)` once per input; `body(prefix(h), *other_boundary)` per k; `linear` when the
-    incremental fast path applies to `body`."""
+    """`prefix(h)` once per input; `body(prefix(h), *other_boundary)` per k; `fast` when the
+    incremental path applies to `body`."""
 
     prefix: fx.GraphModule
     body: fx.GraphModule
-    linear: LinearPath | None
+    fast: FastPath | None
     prefix_ops: int
 
 
@@ -197,53 +201,50 @@ def plan_head(cut: NetworkCut) -> HeadPlan:
     for gm in (prefix_gm, body_gm):
         gm.graph.eliminate_dead_code()
         gm.recompile()
-    linear = _linear_path(body_gm) if len(placeholders) == 1 else None
-    return HeadPlan(prefix=prefix_gm, body=body_gm, linear=linear, prefix_ops=len(prefix))
+    fast = _fast_path(body_gm) if len(placeholders) == 1 else None
+    return HeadPlan(prefix=prefix_gm, body=body_gm, fast=fast, prefix_ops=len(prefix))
 
 
-def _linear_path(body: fx.GraphModule) -> LinearPath | None:
-    """Recognise `p -> [flatten(1)] -> Linear -> chain of ReLU/dropout/Linear -> output`."""
+def _fast_path(body: fx.GraphModule) -> FastPath | None:
+    """Find the frontier: every path from p passes through identities / flatten(1) into a Linear
+    (flattened input) or a ConvNd (unflattened input). The tail is the rest of the graph."""
     mods = _modules(body)
     nodes = list(body.graph.nodes)
     p = nodes[0]
-    n = _only_user(p)
-    if n is not None and _is_flatten_from_1(n, mods):
-        n = _only_user(n)
-    if n is None or n.op != "call_module" or not isinstance(mods.get(n.target), nn.Linear):
+    flat: dict[fx.Node, bool] = {p: False}  # nodes on the way to the frontier: flattened yet?
+    frontier: list[tuple[fx.Node, bool]] = []
+    queue = [p]
+    while queue:
+        n = queue.pop()
+        for user in n.users:
+            if user in flat or any(user is f for f, _ in frontier):
+                continue
+            if user.op == "output" or user.args[:1] != (n,) or not _other_args_constant(user):
+                return None
+            m = mods.get(user.target) if user.op == "call_module" else None
+            if _is_flatten_from_1(user, mods):
+                flat[user] = True
+                queue.append(user)
+            elif isinstance(m, _IDENTITIES):
+                flat[user] = flat[n]
+                queue.append(user)
+            elif isinstance(m, nn.Linear) or (isinstance(m, tuple(_CONV_FNS)) and not flat[n]
+                                              and m.padding_mode == "zeros"):
+                frontier.append((user, flat[n]))
+            else:
+                return None
+    # Linear reads the flattened p (or p itself when p is 2-D: checked at run time).
+    skip = set(flat) | {f for f, _ in frontier}
+    rest = [n for n in nodes if n not in skip and n.op != "output"]
+    if any(not eb.supported(n, mods) for n in rest):
         return None
-    linear = mods[n.target]
-    tail: list[nn.Module] = []
-    while True:
-        nxt = _only_user(n)
-        if nxt is None:
-            return None
-        if nxt.op == "output":
-            break
-        if nxt.args[:1] != (n,) or not _other_args_constant(nxt):
-            return None
-        m = _tail_module(nxt, mods)
-        if m is None:
-            return None
-        tail.append(m)
-        n = nxt
-    return LinearPath(linear=linear, tail=tail)
-
-
-def _tail_module(node: fx.Node, mods: dict[str, nn.Module]) -> nn.Module | None:
-    if node.op == "call_module":
-        m = mods.get(node.target)
-        if isinstance(m, (nn.Linear, *_LIPSCHITZ_MODULES)):
-            return m
-        if isinstance(m, nn.LeakyReLU) and 0.0 <= m.negative_slope <= 1.0:
-            return m
-        if isinstance(m, nn.Flatten) and m.start_dim == 1:
-            return nn.Identity()  # the tail works on (N, features): flatten is a no-op
+    output = next(n for n in nodes if n.op == "output")
+    if not isinstance(output.args[0], fx.Node):
         return None
-    if node.op == "call_function" and node.target in (F.relu, torch.relu) and not node.kwargs.get("inplace"):
-        return nn.ReLU()
-    if node.op == "call_method" and node.target == "relu":
-        return nn.ReLU()
-    return None
+    tail_g = _copy_graph(rest, {f: f"frontier_{i}" for i, (f, _) in enumerate(frontier)}, output.args[0])
+    tail = fx.GraphModule(body, tail_g)
+    tail.graph.eliminate_dead_code()
+    tail.recompile()
+    return FastPath(frontier=[Frontier(mods[f.target], fl) for f, fl in frontier], tail=tail)
 
 
-__all__ = ["HeadPlan", "LinearPath", "plan_head"]

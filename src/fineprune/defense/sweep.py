@@ -11,12 +11,10 @@ masked network for each k. All paths give the predictions of the masked full net
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -25,6 +23,9 @@ from .head_plan import HeadPlan, plan_head
 from .mask import clear_mask, set_pruned
 
 log = logging.getLogger(__name__)
+
+# Elements per step-chunk of the incremental path: small enough to stay in cache (measured).
+_FAST_CHUNK_ELEMS = 2**22
 
 
 @dataclass
@@ -111,17 +112,19 @@ class _Counter:
         self.keep = _keep_matrix(order, range(c + 1), device)  # row k keeps all but order[:k]
         self.counts = [torch.zeros(c + 1, dtype=torch.long, device=device) for _ in range(num_labels)]
         self.budget = budget_elems
-        self.fast = fast and plan.linear is not None
-        self.recomputed = 0
+        self.fast = fast and plan.fast is not None
+        self.recomputed = 0  # (k, sample) pairs of the fast path re-run with the exact head
         self.evaluated = 0
+        self.fast_samples = 0
 
     @torch.inference_mode()
     def add(self, values: list[torch.Tensor], labels: list[torch.Tensor]) -> None:
         if values[0].shape[0] == 0:
             return
         labels = [lab.to(values[0].device) for lab in labels]
-        if self.fast and self._linear_shape_ok(values[0]):
-            self._add_linear(values[0], labels)
+        if self.fast and self.plan.fast.applies_to(values[0]):
+            self._add_fast(values[0], labels)
+            self.fast_samples += values[0].shape[0]
         else:
             self._add_exact(values, labels)
 
@@ -150,44 +153,37 @@ class _Counter:
                 self._tally(k0, pred, [lab[s : s + m] for lab in labels])
                 self.evaluated += r * m
 
-    def _linear_shape_ok(self, p: torch.Tensor) -> bool:
-        lin = self.plan.linear.linear
-        c = self.order.numel()
-        d = math.prod(p.shape[1:])
-        return p.shape[1] == c and d % c == 0 and lin.in_features == d and (p.dim() > 2 or d == c)
-
-    def _add_linear(self, p: torch.Tensor, labels: list[torch.Tensor]) -> None:
-        """logits(k) from logits(k-1) minus channel order[k-1]'s share of the first Linear."""
-        lp = self.plan.linear
-        w, b = lp.linear.weight, lp.linear.bias
+    def _add_fast(self, p: torch.Tensor, labels: list[torch.Tensor]) -> None:
+        """Frontier outputs for k from those for k-1 minus channel order[k-1]'s share."""
+        fast = self.plan.fast
         n, c = p.shape[0], p.shape[1]
-        x = p.reshape(n, -1)
-        s, hidden = x.shape[1] // c, w.shape[0]
-        w_ch = w.view(hidden, c, s).permute(1, 2, 0)  # (C, s, hidden): channel c's block, transposed
-        m_chunk = max(1, min(n, self.budget // (4 * (x.shape[1] + 4 * hidden))))
+        outs = [f.full(p[:1]) for f in fast.frontier]
+        width = sum(o[0].numel() for o in outs)
+        m_chunk = max(1, min(n, self.budget // (4 * (p[0].numel() + 4 * width))))
         for a in range(0, n, m_chunk):
-            xa = x[a : a + m_chunk]
-            m = xa.shape[0]
+            pa = p[a : a + m_chunk]
+            m = pa.shape[0]
             labs = [lab[a : a + m] for lab in labels]
-            tol = lp.tolerance(xa.abs(), c)
-            z = F.linear(xa, w, b)
-            self._linear_steps(0, z.unsqueeze(0).clone(), tol, p[a : a + m], labs)
-            x_t = xa.view(m, c, s).transpose(0, 1)  # (C, m, s)
-            k_chunk = max(1, min(c, self.budget // (m * (3 * hidden + 8))))
+            tol = fast.tolerance(pa)
+            states = [f.full(pa) for f in fast.frontier]
+            self._fast_steps(0, [z.unsqueeze(0).clone() for z in states], tol, pa, labs)
+            k_chunk = max(1, min(c, min(self.budget, _FAST_CHUNK_ELEMS) // (m * (3 * width + 8))))
             for j0 in range(0, c, k_chunk):
                 idx = self.order[j0 : j0 + k_chunk]
-                contrib = torch.bmm(x_t[idx], w_ch[idx]).cumsum_(dim=0)  # (K, m, hidden)
-                zk = torch.sub(z.unsqueeze(0), contrib, out=contrib)
-                z = zk[-1].clone()
-                self._linear_steps(j0 + 1, zk, tol, p[a : a + m], labs)
+                zks = []
+                for f, z in zip(fast.frontier, states):
+                    contrib = f.contributions(pa, idx).cumsum(dim=0)  # (K, m, *out)
+                    zks.append(torch.sub(z.unsqueeze(0), contrib, out=contrib))
+                states = [zk[-1].clone() for zk in zks]  # the tail may work in place
+                self._fast_steps(j0 + 1, zks, tol, pa, labs)
 
-    def _linear_steps(self, k0: int, zk: torch.Tensor, tol: torch.Tensor, p: torch.Tensor,
-                      labels: list[torch.Tensor]) -> None:
-        r, m = zk.shape[0], zk.shape[1]
-        logits = self.plan.linear.tail_forward(zk.view(r * m, -1))
+    def _fast_steps(self, k0: int, zks: list[torch.Tensor], tol: torch.Tensor, p: torch.Tensor,
+                    labels: list[torch.Tensor]) -> None:
+        r, m = zks[0].shape[0], zks[0].shape[1]
+        logits = self.plan.fast.tail(*[z.reshape(r * m, *z.shape[2:]) for z in zks])
         if logits.shape[1] < 2:
             pred = torch.zeros(r, m, dtype=torch.long, device=logits.device)
-            unsure = ~torch.isfinite(logits).view(r, m)
+            unsure = ~torch.isfinite(logits).all(dim=1).view(r, m)
         else:
             top = logits.topk(2, dim=1)
             pred = top.indices[:, 0].view(r, m)
@@ -332,7 +328,7 @@ def cached_sweep(
     finally:
         model.train(was_training)
     extra = {
-        "fast_path": bool(counters[0].fast), "prefix_ops": plan.prefix_ops,
+        "fast_path": counters[0].fast_samples > 0, "prefix_ops": plan.prefix_ops,
         "recomputed": sum(k.recomputed for k in counters),
         "evaluated": sum(k.evaluated for k in counters),
         "streamed_samples": sum(d.x.shape[0] - d.n_stored for d in sets),

@@ -33,6 +33,10 @@ def _task_data(task, data_root: str, seed: int, subsample: float):
     return data
 
 
+def _or(value, default):
+    return default if value is None else value
+
+
 def _setup(params: dict, data_root: str, device: str | None):
     from ..pipeline.reproduce import prepare_task
     from ..runtime import seed_everything
@@ -46,8 +50,8 @@ def _setup(params: dict, data_root: str, device: str | None):
         task, data, data_root=data_root, seed=seed, subsample=params["subsample"],
         poison_rate=params.get("poison_rate"), epochs=params.get("epochs"),
         finetune_epochs=params.get("finetune_epochs"),
-        defender_val_fraction=params.get("defender_val_fraction") or 0.3,
-        attacker_val_fraction=params.get("attacker_val_fraction") or 0.2,
+        defender_val_fraction=_or(params.get("defender_val_fraction"), 0.3),
+        attacker_val_fraction=_or(params.get("attacker_val_fraction"), 0.2),
         device=device, progress=False)
 
 
@@ -68,7 +72,7 @@ def train_model(spec: dict, clean: dict | None = None) -> dict:
     setup = _setup(params, spec["data_root"], spec.get("device"))
     store = _ModelStore(Path(spec["models_dir"]))
     attack = params["attack"]
-    pa_threshold = params.get("attack_threshold") or 4.0
+    pa_threshold = 4.0 if params.get("attack_threshold") is None else params["attack_threshold"]
 
     def clean_model():
         if clean is None:
