@@ -30,6 +30,7 @@ _KEEPS_BOUND = (
 _AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
               nn.AdaptiveAvgPool3d)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -58,6 +59,8 @@ def supported(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
             return 0.0 <= m.negative_slope <= 1.0
         if isinstance(m, _CONVS):
             return m.padding_mode == "zeros"
+        if isinstance(m, _BATCHNORMS):  # per-sample only with running statistics, in eval mode
+            return m.running_mean is not None and not m.training
         return isinstance(m, (*_KEEPS_BOUND, *_AVG_POOLS, nn.Linear)) and not getattr(m, "return_indices", False)
     if node.op == "call_function":
         if node.target in (operator.add, torch.add):
@@ -90,12 +93,27 @@ def _module_bound(mod: nn.Module, m: torch.Tensor, d: torch.Tensor, u: float) ->
         terms = wa[0].numel()
         return linear_bound(m, d, lambda v: conv(v, wa, None, mod.stride, mod.padding, mod.dilation,
                                                   mod.groups), mod.bias, terms, u)
+    if isinstance(mod, _BATCHNORMS):
+        return _batchnorm_bound(mod, m, d, u)
     if isinstance(mod, _AVG_POOLS):
         g = gamma(math.prod(m.shape[2:]) + 1, u)  # a window never has more terms than the map
         return mod(m) * (1 + g), (mod(d) + 2 * g * mod(m + d)) * (1 + g)
     if isinstance(mod, nn.LeakyReLU):
         return m, d + 2 * u * (m + d)
     return mod(m), mod(d)  # 1-Lipschitz, |f(a)| <= |a|, f applied element- or window-wise
+
+
+def _batchnorm_bound(bn: nn.Module, m: torch.Tensor, d: torch.Tensor, u: float) -> Bound:
+    """y = (x - mean) / sqrt(var + eps) * w + b in any grouping of its ~4 roundings."""
+    shape = (1, -1) + (1,) * (m.dim() - 2)
+    scale = (bn.weight.abs() if bn.weight is not None else 1.0) / torch.sqrt(bn.running_var + bn.eps)
+    mean = bn.running_mean.abs().view(shape)
+    scale = scale.view(shape)
+    shift = bn.bias.abs().view(shape) if bn.bias is not None else 0.0
+    g = gamma(6, u)
+    mag = scale * (m + mean) + shift
+    dev = scale * d + 2 * g * (scale * (m + d + mean) + shift)
+    return mag * (1 + g), dev * (1 + g)
 
 
 def propagate(tail: fx.GraphModule, inputs: list[Bound], u: float) -> Bound:

@@ -14,7 +14,7 @@ from torch import nn
 
 
 class PerImageStandardize(nn.Module):
-    """(x - mean) / (std + eps) per input. Half the Yale B crops are lit from the side or barely
+    """(x - mean) / (std + eps) per image (N, C, H, W). Half the Yale B crops are lit from the side or barely
     lit at all; standardising lets the network see the face (and a trigger) in a dark crop.
     No parameters, so checkpoints do not depend on it; traces with torch.fx."""
 
@@ -23,9 +23,8 @@ class PerImageStandardize(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.flatten(1)
-        mean = flat.mean(dim=1).view(-1, *([1] * (x.dim() - 1)))
-        std = flat.std(dim=1).view(-1, *([1] * (x.dim() - 1)))
+        # Fixed (C, H, W) reduction dims, not x.dim(): torch.fx must trace this for the cached sweep.
+        std, mean = torch.std_mean(x, dim=(1, 2, 3), keepdim=True)
         return (x - mean) / (std + self.eps)
 
     def extra_repr(self) -> str:

@@ -19,17 +19,19 @@ def _conv(cin: int, cout: int, k: int, stride: int = 1) -> list[nn.Module]:
 class SpeechAlexNet(nn.Module):
     """Waveform -> log spectrogram -> 5 conv layers -> 4x4 pooled map -> 128 -> classes.
 
-    `features` holds the convs; its last ReLU (`features.15` with the defaults) is the pruned layer,
-    found automatically as the last conv's ReLU. `width` scales every conv.
+    `features` holds the convs; its last ReLU (`features.16`) is the pruned layer, found
+    automatically as the last conv's ReLU. `width` scales every conv. Defaults (width 24, hop 128:
+    129 frequencies x 65 frames for 8192 samples) were chosen on validation data: as accurate as
+    width 32 / hop 64 and about three times cheaper to train.
     """
 
     def __init__(
         self,
         num_classes: int = 10,
         in_channels: int = 1,
-        width: int = 32,
+        width: int = 24,
         n_fft: int = 256,
-        hop_length: int = 64,
+        hop_length: int = 128,
         hidden: int = 128,
         dropout: float = 0.5,
     ) -> None:
@@ -44,9 +46,9 @@ class SpeechAlexNet(nn.Module):
             *_conv(w, 2 * w, 3), nn.MaxPool2d(2),
             *_conv(2 * w, 3 * w, 3),
             *_conv(3 * w, 3 * w, 3),
-            *_conv(3 * w, 2 * w, 3),
+            *_conv(3 * w, 2 * w, 3), nn.MaxPool2d(2),
         )
-        self.pool = nn.Sequential(nn.MaxPool2d(2), nn.AdaptiveAvgPool2d((4, 4)))
+        self.pool = nn.AdaptiveAvgPool2d((4, 4))
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(2 * w * 16, hidden), nn.ReLU(), nn.Dropout(dropout),
             nn.Linear(hidden, num_classes),

@@ -14,7 +14,8 @@ def _conv(cin: int, cout: int) -> list[nn.Module]:
 
 
 class TrafficVGG(nn.Module):
-    """[w, w] pool [2w, 2w] pool [4w] -> pool -> fc 256 -> classes; the last conv's ReLU is pruned."""
+    """[w, w] pool [2w, 2w] pool [4w] pool -> fc 256 -> classes; the last conv's ReLU (`features.16`)
+    is the pruned layer."""
 
     def __init__(self, num_classes: int = 43, in_channels: int = 3, width: int = 16,
                  image_size: int = 32, hidden: int = 256, dropout: float = 0.5) -> None:
@@ -23,11 +24,11 @@ class TrafficVGG(nn.Module):
         self.features = nn.Sequential(
             *_conv(in_channels, w), *_conv(w, w), nn.MaxPool2d(2),
             *_conv(w, 2 * w), *_conv(2 * w, 2 * w), nn.MaxPool2d(2),
-            *_conv(2 * w, 4 * w),
+            *_conv(2 * w, 4 * w), nn.MaxPool2d(2),
         )
         side = image_size // 8
         self.classifier = nn.Sequential(
-            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * w * side * side, hidden), nn.ReLU(),
+            nn.Flatten(), nn.Linear(4 * w * side * side, hidden), nn.ReLU(),
             nn.Dropout(dropout), nn.Linear(hidden, num_classes),
         )
 
