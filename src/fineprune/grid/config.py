@@ -2,7 +2,8 @@
 
 ```yaml
 out: grid-small                  # output folder (the CLI's --out wins)
-data_root: ../shared/data        # the datasets (every Ray node must see it; ignored by "mnist")
+data_root: ../shared/data        # the datasets, relative to this file (every Ray node must see it;
+                                 # ignored by "mnist"; left out: ../shared/data from the working folder)
 resources: {num_cpus: 1, num_gpus: 0}   # per cell (one Ray task each)
 train_resources: {num_cpus: 1}   # per model training task (default: `resources`)
 retries: 1                       # a failed cell (or model) runs at most 1 + retries times
@@ -187,6 +188,7 @@ def parse_config(raw: Any, base_dir: str | Path = ".", source: str | None = None
         data_root = "../shared/data"  # as `fineprune reproduce`: relative to the working folder
     elif not Path(str(data_root)).is_absolute():
         data_root = str(base / str(data_root))  # written in the config: relative to the config file
+    data_root = str(Path(data_root).resolve())  # workers do not share the driver's working folder
     cfg = GridConfig(axes=axes, out=str(raw.get("out", "fineprune-grid")), data_root=str(data_root),
                      resources=resources, train_resources=train_resources, retries=retries, plugins=plugins,
                      exclude=exclude, device=raw.get("device"), name=str(raw.get("name", "grid")),
