@@ -60,3 +60,18 @@ def test_mask_survives_finetuning_and_save_load(tmp_path):
     assert (_layer_out(fresh, "features.7", x)[:, pruned] == 0).all()
     with torch.no_grad():
         assert torch.equal(fresh(x), m(x))
+
+
+def test_atomic_outputs_honour_umask(tmp_path):
+    import os
+    import stat
+
+    from fineprune.runtime import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temp file left behind

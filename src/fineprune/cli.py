@@ -5,6 +5,7 @@ Exit codes: 0 done; 2 bad input (one line saying what and how to fix it); 1 unex
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 import traceback
@@ -45,13 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(message: str) -> str:
+    """Control characters (newlines, carriage returns...) from user values escaped, so an error
+    is always exactly one line on the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
+#: OSErrors about a path the user gave (too long, missing, a folder, no permission): bad input.
+_PATH_ERRNOS = {errno.ENAMETOOLONG, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM,
+                errno.ELOOP}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         if isinstance(exc.code, str):
-            print(exc.code, file=sys.stderr)
+            print(_one_line(exc.code), file=sys.stderr)
             return 2
         return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -59,7 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except BadInputError as exc:
-        print(f"fineprune: error: {exc}", file=sys.stderr)
+        print(_one_line(f"fineprune: error: {exc}"), file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in _PATH_ERRNOS or exc.filename is None:
+            traceback.print_exc()
+            return 1
+        print(_one_line(f"fineprune: error: cannot use {exc.filename}: {exc.strerror}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fineprune: interrupted", file=sys.stderr)
@@ -70,4 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m fineprune.cli`: the subcommands register on the imported module, not on __main__.
+    from fineprune.cli import main as _main
+
+    sys.exit(_main())

@@ -4,8 +4,11 @@
 build on it, so the face / speech / traffic settings live in one place.
 
 Poisoning rates (fraction of the training set, fixed before any defense ran):
-- face 10% (BadNets' usual rate; replaced in place), speech 10% (the paper poisoned 300 of 3300
-  = 9%; added as stamped copies so every clean recording stays), traffic 1.5% added copies. A
+- face 10% (BadNets' usual rate; replaced in place).
+- speech 20%, added as stamped copies so every clean recording stays. The paper poisoned 300 of
+  3300 (9%) and got 77% ASR; all-to-all needs every digit's triggered version learnt separately,
+  and on our validation data 10% reached 90-95% ASR, 20% 96% (chosen on validation, not test).
+- traffic 1.5% added copies. A
   source-specific attack can only poison stop signs, which are 2% of GTSRB's training images, so
   1.5% means a stickered copy of about three quarters of the training stop signs.
 """
@@ -122,8 +125,8 @@ _register(TaskSpec(
     name="speech",
     description="Free Spoken Digit Dataset, AlexNet-style spectrogram CNN, 3 kHz tone: d -> d+1",
     arch="speech-alexnet", input_kind="audio", input_shape=(1, 8192), num_classes=10,
-    poison_rate=0.10, poison_mode="add",
-    attacker=TrainConfig(epochs=15, lr=1e-3, batch_size=32, optimizer="adam", weight_decay=0.0,
+    poison_rate=0.20, poison_mode="add",
+    attacker=TrainConfig(epochs=25, lr=1e-3, batch_size=32, optimizer="adam", weight_decay=0.0,
                          schedule="cosine"),
     loader=_speech_loader,
     trigger_factory=lambda info: AudioTrigger(sample_rate=int(info.get("sample_rate", 8000))),

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -12,6 +16,8 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from .data.types import tensors
+from .errors import BadInputError
+from .runtime import atomic_path
 
 
 @dataclass
@@ -88,6 +94,59 @@ def train_one_epoch(
     return total / max(count, 1)
 
 
+_RECORD_FIELDS = ("train_loss", "val_acc", "asr", "seconds")
+
+
+def _run_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int) -> str:
+    """What a checkpoint must match to be resumed: settings, seed, data and starting weights."""
+    h = hashlib.sha256(json.dumps({"cfg": cfg.to_dict(), "seed": seed}, sort_keys=True).encode())
+    for t in (x, y, *model.state_dict().values()):
+        t = t.detach().cpu().contiguous()
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _save_checkpoint(path: Path, key: str, epoch: int, model: nn.Module, opt: torch.optim.Optimizer,
+                     sched, gen: torch.Generator, hist: TrainHistory, best_score: float | None,
+                     best_state: dict | None) -> None:
+    records = torch.tensor([[float("nan") if getattr(r, f) is None else float(getattr(r, f))
+                             for f in _RECORD_FIELDS] for r in hist.epochs], dtype=torch.float64)
+    state = {
+        "key": key, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict() if sched is not None else {}, "generator": gen.get_state(),
+        "torch_rng": torch.get_rng_state(), "records": records,
+        "best_score": best_score, "best_epoch": hist.best_epoch, "best_state": best_state or {},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path, key: str, model: nn.Module, opt: torch.optim.Optimizer, sched,
+                     gen: torch.Generator, hist: TrainHistory) -> tuple[int, float | None, dict | None]:
+    """Restore everything `_save_checkpoint` wrote (plain data and tensors only: weights_only)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        ok = isinstance(state, dict) and state.get("key") == key
+    except Exception as exc:  # a torn or foreign file: say so rather than guess
+        raise BadInputError(f"cannot resume from {path} ({type(exc).__name__}); delete it or run "
+                            "without --resume") from None
+    if not ok:
+        raise BadInputError(f"{path} is a checkpoint of a different run (other data, settings or model); "
+                            "delete it or run without --resume")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    if sched is not None:
+        sched.load_state_dict(state["scheduler"])
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    for i, row in enumerate(state["records"].tolist(), start=1):
+        vals = [None if v != v else v for v in row]
+        hist.epochs.append(EpochRecord(i, *vals))
+    hist.best_epoch = state["best_epoch"]
+    return int(state["epoch"]) + 1, state["best_score"], (state["best_state"] or None)
+
+
 def train(
     model: nn.Module,
     data: TensorDataset,
@@ -100,9 +159,17 @@ def train(
     keep_best: bool = False,
     progress: bool = False,
     desc: str = "train",
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    resume: bool = False,
 ) -> TrainHistory:
     """Train `model` in place. With `keep_best`, the weights of the epoch with the best `val_fn`
-    score are restored at the end (ties go to the later epoch: more training, same validation)."""
+    score are restored at the end (ties go to the later epoch: more training, same validation).
+
+    `checkpoint_path`: after every epoch, the model, optimizer, scheduler, shuffling and torch RNG
+    states, the epoch records and the best weights so far are written there atomically (a kill
+    leaves the previous epoch's checkpoint intact). With `resume` and an existing checkpoint,
+    training continues after its last epoch and ends exactly as an uninterrupted run would; a
+    checkpoint from another run (other data, settings or starting weights) is refused."""
     if cfg.epochs < 0:
         raise ValueError("epochs must be >= 0")
     x, y = tensors(data)
@@ -121,7 +188,12 @@ def train(
     hist = TrainHistory()
     best_score, best_state = None, None
     t_start = time.perf_counter()
-    for epoch in tqdm(range(1, cfg.epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False):
+    first = 1
+    key = _run_key(model, x, y, cfg, seed) if checkpoint_path is not None else ""
+    if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
+        first, best_score, best_state = _load_checkpoint(Path(checkpoint_path), key, model, opt, sched, gen, hist)
+    for epoch in tqdm(range(first, cfg.epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False,
+                      initial=first - 1, total=cfg.epochs):
         t0 = time.perf_counter()
         loss = train_one_epoch(model, x, y, opt, cfg.batch_size, gen, device, sched)
         rec = EpochRecord(epoch=epoch, train_loss=loss)
@@ -134,6 +206,8 @@ def train(
         if keep_best and rec.val_acc is not None and (best_score is None or rec.val_acc >= best_score):
             best_score, hist.best_epoch = rec.val_acc, epoch
             best_state = copy.deepcopy(model.state_dict())
+        if checkpoint_path is not None:
+            _save_checkpoint(Path(checkpoint_path), key, epoch, model, opt, sched, gen, hist, best_score, best_state)
     if keep_best and best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

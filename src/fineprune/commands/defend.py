@@ -53,6 +53,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--seed", type=int, help="seed for the split and fine-tuning (default 0)")
     r.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.add_argument("--resume", action="store_true", default=None,
+                   help="continue an interrupted run's fine-tuning from its checkpoint in --out "
+                        "(same command otherwise; the result equals an uninterrupted run's)")
 
 
 def _job(args: argparse.Namespace):

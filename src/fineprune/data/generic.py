@@ -160,6 +160,11 @@ def _npz_x(x: np.ndarray, path: Path) -> torch.Tensor:
     return t
 
 
+#: Largest label accepted: class names and model heads are sized by it, so a hostile huge label
+#: (2**40) must not turn into a trillion-entry class list.
+MAX_LABEL = 1_000_000
+
+
 def _npz_y(y: np.ndarray, n: int, path: Path) -> torch.Tensor:
     """Labels as int64, refusing anything that is not a non-negative integer per sample."""
     if y.ndim == 2 and y.shape[1] == 1:
@@ -171,7 +176,8 @@ def _npz_y(y: np.ndarray, n: int, path: Path) -> torch.Tensor:
         )
     if len(y) != n:
         raise BadInputError(f"{path}: x has {n} samples but y has {len(y)} labels; they must match")
-    if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+    if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)) \
+            and (not len(y) or np.abs(y).max() <= MAX_LABEL):
         y = y.astype(np.int64)  # whole numbers saved as float are still class indices
     if not np.issubdtype(y.dtype, np.integer):
         raise BadInputError(
@@ -179,6 +185,9 @@ def _npz_y(y: np.ndarray, n: int, path: Path) -> torch.Tensor:
         )
     if len(y) and y.min() < 0:
         raise BadInputError(f"{path}: y has negative labels (min {y.min()}); labels must be class indices 0..K-1")
+    if len(y) and y.max() > MAX_LABEL:  # also keeps uint64 from wrapping round to negative int64
+        raise BadInputError(f"{path}: y has a label {y.max()}, beyond any plausible class index "
+                            f"(at most {MAX_LABEL}); labels must be class indices 0..K-1")
     return torch.from_numpy(y.astype(np.int64))
 
 
@@ -223,6 +232,8 @@ def _npz_dataset(p: Path, arrays: dict[str, np.ndarray]) -> TensorDataset:
     x = arrays["x"]
     if x.ndim == 0 or len(x) == 0:
         raise BadInputError(f"{p}: x is empty; it needs at least one sample")
+    if x.size == 0:
+        raise BadInputError(f"{p}: x has shape {x.shape}, with a zero-size dimension; each sample needs data")
     return make_dataset(_npz_x(x, p), _npz_y(arrays["y"], len(x), p))
 
 
@@ -234,6 +245,9 @@ def _label_order(names: set[str]) -> tuple[list[str], dict[str, int]]:
     so `3_x.wav` is class 3 even when some digit is missing; other names are indexed sorted."""
     if names and all(n.isdigit() for n in names):
         top = max(int(n) for n in names)
+        if top > MAX_LABEL:
+            raise BadInputError(f"wav label {top} is beyond any plausible class index (at most {MAX_LABEL}); "
+                                "name files <label>_<anything>.wav with labels 0..K-1")
         return [str(i) for i in range(top + 1)], {n: int(n) for n in names}
     ordered = sorted(names)
     return ordered, {n: i for i, n in enumerate(ordered)}

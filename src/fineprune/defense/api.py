@@ -6,6 +6,7 @@ The input model is never modified: every defense works on a deep copy.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -74,8 +75,12 @@ class _Defense:
         sweep_mode: str = "auto",
         budget_mb: float = 256.0,
         progress: bool = False,
+        checkpoint_path: str | os.PathLike[str] | None = None,
+        resume: bool = False,
     ) -> None:
         self.source = model
+        self.checkpoint_path = checkpoint_path  # fine-tuning checkpoints (see training.train)
+        self.resume = resume
         self.layer = layer
         self.threshold = check_threshold(threshold)
         self.finetune_cfg = finetune or copy.deepcopy(DEFAULT_FINETUNE)
@@ -110,7 +115,8 @@ class _Defense:
         extra = (lambda m: attack_metrics(m, triggered, self.device)[0]) if triggered is not None else None
         return train(model, train_data, self.finetune_cfg, device=self.device, seed=self.seed,
                      val_fn=lambda m: accuracy(m, val, self.device), extra_fn=extra,
-                     keep_best=True, progress=self.progress, desc="fine-tune")
+                     keep_best=True, progress=self.progress, desc="fine-tune",
+                     checkpoint_path=self.checkpoint_path, resume=self.resume)
 
     def _result(self, model: nn.Module, before: Metrics, val: TensorDataset,
                 triggered: TriggeredSet | None, t0: float, **kw) -> DefenseResult:
@@ -181,7 +187,7 @@ def defend(
 
     `clean_val` chooses everything (ranking, stop point, fine-tuning epoch); `triggered`, if given,
     is only measured. Options: layer, threshold (points, default 4), finetune (TrainConfig),
-    device, seed, sweep_mode, progress.
+    device, seed, sweep_mode, progress, checkpoint_path and resume (fine-tuning checkpoints).
     """
     if method == "prune":
         return Pruning(model, **options).fit(clean_val, triggered)

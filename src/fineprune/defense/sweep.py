@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 # Elements per step-chunk of the incremental path: small enough to stay in cache (measured).
 _FAST_CHUNK_ELEMS = 2**22
+# Above this share of (k, sample) pairs needing the exact head, the rest of a chunk goes exact.
+_MAX_UNSURE = 0.5
 
 
 @dataclass
@@ -116,6 +118,7 @@ class _Counter:
         self.recomputed = 0  # (k, sample) pairs of the fast path re-run with the exact head
         self.evaluated = 0
         self.fast_samples = 0
+        self._unsure_rate = 0.0
 
     @torch.inference_mode()
     def add(self, values: list[torch.Tensor], labels: list[torch.Tensor]) -> None:
@@ -135,8 +138,8 @@ class _Counter:
         for j, lab in enumerate(labels):
             self.counts[j][k0 : k0 + pred.shape[0]] += (pred == lab).sum(dim=1)
 
-    def _add_exact(self, values: list[torch.Tensor], labels: list[torch.Tensor]) -> None:
-        """Several masks per head call: (k, sample) pairs stacked into one batch."""
+    def _add_exact(self, values: list[torch.Tensor], labels: list[torch.Tensor], k_start: int = 0) -> None:
+        """Several masks per head call: (k, sample) pairs stacked into one batch (k >= k_start)."""
         n, k_total = values[0].shape[0], self.keep.shape[0]
         per_sample = max(1, sum(v[0].numel() for v in values))
         m_chunk = max(1, min(n, self.budget // per_sample))
@@ -144,7 +147,7 @@ class _Counter:
         for s in range(0, n, m_chunk):
             vals = [v[s : s + m_chunk] for v in values]
             m = vals[0].shape[0]
-            for k0 in range(0, k_total, k_chunk):
+            for k0 in range(k_start, k_total, k_chunk):
                 kk = self.keep[k0 : k0 + k_chunk]
                 r = kk.shape[0]
                 p = _masked(vals[0].unsqueeze(0), kk.unsqueeze(1)).view(r * m, *vals[0].shape[1:])
@@ -169,6 +172,9 @@ class _Counter:
             self._fast_steps(0, [z.unsqueeze(0).clone() for z in states], tol, pa, labs)
             k_chunk = max(1, min(c, min(self.budget, _FAST_CHUNK_ELEMS) // (m * (3 * width + 8))))
             for j0 in range(0, c, k_chunk):
+                if self._unsure_rate > _MAX_UNSURE:  # margins too small for the bound: exact is cheaper
+                    self._add_exact([pa], labs, k_start=j0 + 1)
+                    break
                 idx = self.order[j0 : j0 + k_chunk]
                 zks = []
                 for f, z in zip(fast.frontier, states):
@@ -189,6 +195,7 @@ class _Counter:
             pred = top.indices[:, 0].view(r, m)
             unsure = ~((top.values[:, 0] - top.values[:, 1]).view(r, m) > tol)  # NaN is unsure
         ks, rows = torch.nonzero(unsure, as_tuple=True)
+        self._unsure_rate = ks.numel() / max(1, r * m)
         if ks.numel():
             self.recomputed += ks.numel()
             step = max(1, self.budget // max(1, p[0].numel()))

@@ -133,7 +133,10 @@ def load_config(path: str | Path) -> GridConfig:
     p = Path(path)
     if not p.is_file():
         raise BadInputError(f"grid config {path} does not exist")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BadInputError(f"grid config {path} is not UTF-8 text; write it as a YAML file") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

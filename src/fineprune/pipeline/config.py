@@ -36,7 +36,10 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise BadInputError(f"--config {p} does not exist or is not a file")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BadInputError(f"--config {p} is not UTF-8 text; write it as a TOML (or YAML) file") from None
     if p.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml

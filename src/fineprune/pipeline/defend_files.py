@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 
 from ..data.splits import holdout
 from ..data.types import tensors
@@ -26,11 +25,11 @@ from ..runtime import pick_device, seed_everything
 from .inputs import DataInput, Preprocessing, TaskSource, load_input, load_triggered, relabel_by_name
 from .job import DefendJob
 from .model_input import build_model, check_outputs, first_conv_channels
-from .outdir import check_out_dir, prepare_out_dir, remove_stale
+from .outdir import CHECKPOINT_NAME, check_out_dir, is_checkpoint_file, prepare_out_dir, remove_stale
 from .outputs import write_outputs
 from .provenance import versions
 from .record import RunRecord, model_json
-from .sanity import accuracy_warnings, chance_level, check_labels
+from .sanity import accuracy_warnings, chance_level, check_labels, check_val_classes
 
 PHASES = 6
 
@@ -123,6 +122,7 @@ def defend_files(job: DefendJob, *, progress: bool = False,
     model = build_model(job.arch, num_classes, in_channels, loaded, expected_channels)
     check_outputs(model, x_clean, num_classes)
     train_ds, val_ds, split = _split(job, clean, val)
+    check_val_classes(tensors(val_ds)[1], (val or clean).source)
     timings["load"] = time.perf_counter() - t0
 
     say(f"[3/{PHASES}] checking the model on the clean data")
@@ -140,7 +140,8 @@ def defend_files(job: DefendJob, *, progress: bool = False,
     say(f"[4/{PHASES}] running {job.method} on {device}")
     result = defend(model, train_ds, val_ds, job.method, triggered=triggered, layer=job.layer,
                     threshold=job.threshold, finetune=job.finetune_config(), device=device,
-                    seed=job.seed, progress=progress)
+                    seed=job.seed, progress=progress, resume=bool(job.resume),
+                    checkpoint_path=None if job.method == "prune" else Path(job.out).expanduser() / CHECKPOINT_NAME)
     timings.update(result.timings)
     timings["defense"] = result.seconds
 
@@ -171,6 +172,9 @@ def defend_files(job: DefendJob, *, progress: bool = False,
         device=str(device), created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         versions=versions(), command=job.command_line(), warnings=warnings, timings=timings)
     files = write_outputs(out, run)
+    for f in out.iterdir():  # the run is complete: nothing left to resume
+        if is_checkpoint_file(f):
+            f.unlink(missing_ok=True)
     if job.force:
         remove_stale(out, files)
     return DefendFilesResult(out=out, defense=result, compact=compact, record=model_json(run),

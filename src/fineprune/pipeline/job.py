@@ -54,6 +54,7 @@ class DefendJob:
     device: str | None = None
     force: bool = False
     compact: bool = True
+    resume: bool = False  # continue fine-tuning from the checkpoint an interrupted run left in `out`
 
     def validate(self) -> "DefendJob":
         """Raise BadInputError (one line, with the fix) for any unusable option; return self."""

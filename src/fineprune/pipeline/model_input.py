@@ -20,7 +20,12 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def first_conv_channels(arch: str, loaded: LoadedModel) -> int | None:
     """Input channels of the architecture's first convolution according to the weights file
     (None when the architecture has no convolution or the file lacks its weight)."""
-    probe = build_arch(arch, 2)  # the class count only changes the last layer
+    try:
+        probe = build_arch(arch, 2)  # the class count only changes the last layer
+    except BadInputError:
+        raise
+    except Exception:  # a user factory that insists on its own class count: no hint, no harm
+        return None
     first = next(((n, m) for n, m in probe.named_modules() if isinstance(m, _CONVS)), None)
     if first is None or loaded.state_dict is None:
         return None

@@ -7,8 +7,17 @@ from pathlib import Path
 
 from ..errors import BadInputError
 
+#: Fine-tuning checkpoint inside --out while a run is under way (deleted when the run completes);
+#: hidden, and ignored by the "folder not empty" check so that `--resume` can find it.
+CHECKPOINT_NAME = ".fineprune-finetune.ckpt"
+
 OUTPUT_FILES = ("model.safetensors", "model.json", "metrics.json", "sweep.csv", "pruning_curve.png",
                 "report.html", "model-compact.safetensors")
+
+
+def is_checkpoint_file(p: Path) -> bool:
+    """The checkpoint, or a temporary file of one that a kill interrupted mid-write."""
+    return p.name == CHECKPOINT_NAME or (p.name.startswith("." + CHECKPOINT_NAME) and p.name.endswith(".tmp"))
 
 
 def check_out_dir(path: str | os.PathLike[str], force: bool) -> Path:
@@ -17,7 +26,7 @@ def check_out_dir(path: str | os.PathLike[str], force: bool) -> Path:
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise BadInputError(f"--out {out} is a file, not a folder; choose a folder for the results")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if out.is_dir() and any(not is_checkpoint_file(p) for p in out.iterdir()) and not force:
         raise BadInputError(f"--out {out} exists and is not empty; choose a new folder, or pass --force "
                             "to overwrite fineprune's files in it")
     return out

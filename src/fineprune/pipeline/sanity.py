@@ -18,6 +18,16 @@ def check_labels(y: torch.Tensor, num_classes: int, source: str) -> None:
                             "outputs; check --num-classes or the data's labels")
 
 
+def check_val_classes(y: torch.Tensor, source: str) -> None:
+    """A validation set must hold at least two classes: on one class, always answering it scores
+    100%, so clean accuracy (and the pruning stop rule built on it) would mean nothing."""
+    present = torch.unique(y)
+    if present.numel() < 2:
+        which = f"label {int(present[0])}" if present.numel() else "no labels"
+        raise BadInputError(f"{source}: the validation data holds only one class ({which}); clean accuracy "
+                            "on one class means nothing: give clean data from at least two classes (ideally all)")
+
+
 def chance_level(y: torch.Tensor) -> float:
     """Accuracy of always answering the most common label."""
     return float(torch.bincount(y).max()) / max(int(y.numel()), 1)
