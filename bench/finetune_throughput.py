@@ -68,11 +68,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def run_fineprune() -> None:
         m = copy.deepcopy(base)
+        torch.manual_seed(args.seed)  # dropout draws from the global generator
         train(m, ds, cfg, device=torch.device("cpu"), seed=args.seed)
         finals["fineprune"] = m
 
     def run_plain() -> None:
         m = copy.deepcopy(base)
+        torch.manual_seed(args.seed)
         plain_loop(m, x, y, cfg, args.seed)
         finals["plain"] = m
 

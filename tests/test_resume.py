@@ -25,7 +25,15 @@ from fineprune.training import TrainConfig, train
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def _tiny_data(n: int = 96, seed: int = 0) -> TensorDataset:
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tiny_data(n: int = 64, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     return TensorDataset(torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))
 
@@ -100,7 +108,7 @@ def test_sigkill_mid_finetuning_then_resume(tmp_path):
     torch.manual_seed(0)
     save_file(SmallCNN().state_dict(), tmp_path / "m.safetensors")
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "d.npz", x=rng.integers(0, 256, (300, 28, 28), dtype=np.uint8), y=np.arange(300) % 10)
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 256, (200, 28, 28), dtype=np.uint8), y=np.arange(200) % 10)
     np.savez(tmp_path / "t.npz", x=rng.integers(0, 256, (40, 28, 28), dtype=np.uint8), y=np.arange(40) % 10)
 
     ref = tmp_path / "ref"

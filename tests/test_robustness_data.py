@@ -312,3 +312,66 @@ def test_loader_empty_npz(tmp_path):
     np.savez(tmp_path / "e.npz")
     with pytest.raises(BadInputError, match="lacks"):
         load_npz(tmp_path / "e.npz")
+
+
+# --- hostile model files through the CLI (the loader itself: tests/test_hostile_models.py) --------
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _hostile_model(kind: str, tmp_path: Path, good: Path) -> Path:
+    state = SmallCNN().state_dict()
+    path = tmp_path / ("evil.pt" if kind in ("pickle", "torchscript") else "evil.safetensors")
+    if kind == "pickle":
+        torch.save({**state, "features.0.weight": _Payload(tmp_path / "pwned")}, path)
+    elif kind == "truncated":
+        path.write_bytes(good.read_bytes()[:1000])
+    elif kind == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(5000))
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "nan":
+        state["features.3.weight"][0, 0, 0, 0] = float("nan")
+        save_file(state, path)
+    elif kind == "shape":
+        state["features.0.weight"] = torch.zeros(16, 1, 3, 3)
+        save_file(state, path)
+    elif kind == "dtype":
+        save_file({k: v.to(torch.int32) for k, v in state.items()}, path)
+    elif kind == "missing-key":
+        save_file({k: v for k, v in state.items() if k != "classifier.3.bias"}, path)
+    elif kind == "torchscript":
+        import zipfile
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("evil/code/__torch__.py", "import os\nos.system('touch pwned')\n")
+            z.writestr("evil/data.pkl", b"garbage")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["pickle", "truncated", "random", "empty", "nan", "shape", "dtype",
+                                  "missing-key", "torchscript"])
+def test_hostile_model_files_exit_2(model_file, tmp_path, capsys, kind):
+    evil = _hostile_model(kind, tmp_path, model_file)
+    data = _npz(tmp_path / "d.npz")
+    rc = main(["defend", "--model", str(evil), "--arch", "demo-cnn", "--data", str(data),
+               "--out", str(tmp_path / "out"), "--quiet", "--method", "prune"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert "evil" in _one_line(err)
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--model", "--data"])
+def test_path_too_long_for_the_os(model_file, tmp_path, capsys, flag):
+    paths = {"--model": str(model_file), "--data": str(_npz(tmp_path / "d.npz"))}
+    paths[flag] = "x" * 300
+    rc = main(["defend", "--model", paths["--model"], "--arch", "demo-cnn", "--data", paths["--data"],
+               "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "too long" in _one_line(err)

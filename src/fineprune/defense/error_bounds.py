@@ -145,8 +145,13 @@ def _const(a: object) -> Bound:
     return torch.tensor(v), torch.tensor(0.0)
 
 
-def margin_tolerance(d_logits: torch.Tensor) -> torch.Tensor:
-    """Per-sample margin above which the fast and the full pass pick the same class: D[i] + D[j]
-    <= 2 max D, times 2 for the float evaluation of the bound itself, plus underflow slack."""
-    tiny = torch.finfo(d_logits.dtype).tiny * 1e6
-    return 4 * d_logits.flatten(1).amax(dim=1) + tiny
+def unsure(top2_values: torch.Tensor, top_index: torch.Tensor, d_logits: torch.Tensor) -> torch.Tensor:
+    """Which fast predictions might differ from the full pass's. Row r of `top2_values` (its two
+    largest logits, from sample r % m of the m samples `d_logits` bounds) is sure when
+    margin > D[winner] + max_j D[j]: then the winner also beats every class j in the full pass.
+    The 1% slack covers the float evaluation of the bound itself (relative error ~ n u)."""
+    m = d_logits.shape[0]
+    d = d_logits.repeat(top_index.shape[0] // m, 1)
+    need = (d.gather(1, top_index.view(-1, 1)).squeeze(1) + d.amax(dim=1)) * 1.01
+    need = need + torch.finfo(d.dtype).tiny * 1e6  # underflow slack
+    return ~(top2_values[:, 0] - top2_values[:, 1] > need)  # NaN counts as unsure

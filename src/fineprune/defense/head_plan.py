@@ -149,12 +149,12 @@ class FastPath:
             return False  # cuDNN may pick Winograd/FFT convolutions, outside the dot-product bound
         return True
 
-    def tolerance(self, p: torch.Tensor) -> torch.Tensor:
-        """Per-sample top-2 margin above which the fast prediction is the full pass's, for all k."""
+    def logit_bound(self, p: torch.Tensor) -> torch.Tensor:
+        """(m, classes): bound on |fast logit - full-pass logit| for these samples, for every k."""
         u = eb.unit_roundoff(p.dtype)
         bounds = [f.bound(p, p.shape[1], u) for f in self.frontier]
         _, d = eb.propagate(self.tail, bounds, u)
-        return eb.margin_tolerance(d)
+        return d.flatten(1)
 
 
 @dataclass

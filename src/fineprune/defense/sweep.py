@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .cut import NetworkCut, cut_at
+from . import error_bounds as eb
 from .head_plan import HeadPlan, plan_head
 from .mask import clear_mask, set_pruned
 
@@ -167,9 +168,9 @@ class _Counter:
             pa = p[a : a + m_chunk]
             m = pa.shape[0]
             labs = [lab[a : a + m] for lab in labels]
-            tol = fast.tolerance(pa)
+            bound = fast.logit_bound(pa)
             states = [f.full(pa) for f in fast.frontier]
-            self._fast_steps(0, [z.unsqueeze(0).clone() for z in states], tol, pa, labs)
+            self._fast_steps(0, [z.unsqueeze(0).clone() for z in states], bound, pa, labs)
             k_chunk = max(1, min(c, min(self.budget, _FAST_CHUNK_ELEMS) // (m * (3 * width + 8))))
             for j0 in range(0, c, k_chunk):
                 if self._unsure_rate > _MAX_UNSURE:  # margins too small for the bound: exact is cheaper
@@ -181,9 +182,9 @@ class _Counter:
                     contrib = f.contributions(pa, idx).cumsum(dim=0)  # (K, m, *out)
                     zks.append(torch.sub(z.unsqueeze(0), contrib, out=contrib))
                 states = [zk[-1].clone() for zk in zks]  # the tail may work in place
-                self._fast_steps(j0 + 1, zks, tol, pa, labs)
+                self._fast_steps(j0 + 1, zks, bound, pa, labs)
 
-    def _fast_steps(self, k0: int, zks: list[torch.Tensor], tol: torch.Tensor, p: torch.Tensor,
+    def _fast_steps(self, k0: int, zks: list[torch.Tensor], bound: torch.Tensor, p: torch.Tensor,
                     labels: list[torch.Tensor]) -> None:
         r, m = zks[0].shape[0], zks[0].shape[1]
         logits = self.plan.fast.tail(*[z.reshape(r * m, *z.shape[2:]) for z in zks])
@@ -193,7 +194,7 @@ class _Counter:
         else:
             top = logits.topk(2, dim=1)
             pred = top.indices[:, 0].view(r, m)
-            unsure = ~((top.values[:, 0] - top.values[:, 1]).view(r, m) > tol)  # NaN is unsure
+            unsure = eb.unsure(top.values, top.indices[:, 0], bound).view(r, m)
         ks, rows = torch.nonzero(unsure, as_tuple=True)
         self._unsure_rate = ks.numel() / max(1, r * m)
         if ks.numel():

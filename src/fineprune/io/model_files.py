@@ -731,9 +731,18 @@ def load_into(model: nn.Module | None, loaded: LoadedModel, strict: bool = True)
         for k in sd
         if k in expected and sd[k].shape != expected[k].shape
     ]
+    # Half precision is a legitimate way to ship float weights; integers, bools or complex numbers
+    # where the model holds floats are not weights at all (they would be silently cast).
+    wrong_dtype = [
+        f"{k} file {str(sd[k].dtype).replace('torch.', '')} vs model {str(expected[k].dtype).replace('torch.', '')}"
+        for k in sd
+        if k in expected and expected[k].is_floating_point() and not sd[k].is_floating_point()
+    ]
     problems = []
     if mismatched:
         problems.append(f"shape mismatches: {_fmt_list(mismatched, 4)}")
+    if wrong_dtype:
+        problems.append(f"dtype mismatches: {_fmt_list(wrong_dtype, 4)}")
     if strict and missing:
         problems.append(f"missing from the file: {_fmt_list(missing)}")
     if strict and unexpected:

@@ -17,9 +17,9 @@ from ..runtime import atomic_path  # noqa: E402
 def _image(ax, x: torch.Tensor) -> None:
     x = x.detach().float().clamp(0, 1).cpu()
     if x.shape[0] == 1:
-        ax.imshow(x[0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.imshow(x[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     else:
-        ax.imshow(x[:3].permute(1, 2, 0), interpolation="nearest")
+        ax.imshow(x[:3].permute(1, 2, 0).numpy(), interpolation="nearest")
 
 
 def plot_trigger_preview(
@@ -51,7 +51,7 @@ def plot_trigger_preview(
         for j in range(n):
             hi = float(torch.maximum(specs[j].max(), specs[n + j].max()))
             for i in range(2):
-                axes[i, j].imshow(specs[i * n + j], origin="lower", aspect="auto", cmap="magma",
+                axes[i, j].imshow(specs[i * n + j].numpy(), origin="lower", aspect="auto", cmap="magma",
                                   vmin=0, vmax=hi)
     else:
         for j in range(n):
