@@ -259,6 +259,7 @@ def test_target_out_of_range(model_file, tmp_path, capsys):
 # --- the loaders directly --------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF")  # Pillow warns about the garbage TIFF it then refuses
 def test_loader_skips_and_counts_unreadable_images(tmp_path):
     _png(tmp_path / "a" / "1.png")
     _png(tmp_path / "b" / "2.png")
