@@ -92,7 +92,12 @@ _IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d
 
 @dataclass
 class Frontier:
-    """A first linear layer after the prefix: its output is affine in the cached tensor p."""
+    """A first linear layer after the prefix: its output is affine in the cached tensor p.
+
+    The sweep builds the output for k pruned channels as bias + the shares of the kept channels
+    order[k:], adding channels from k = C (bias only) down to k = 0. Rounding then scales with
+    T_k = |b| + sum over kept channels of |W||x| (also kept per k), not with the unpruned sum.
+    """
 
     module: nn.Module  # nn.Linear (on flatten(p)) or nn.ConvNd (on p)
     flattened: bool = True  # whether the Linear's input went through flatten(1)
@@ -101,21 +106,43 @@ class Frontier:
         """Output with no channel pruned."""
         return self.module(p.flatten(1) if isinstance(self.module, nn.Linear) else p)
 
-    def contributions(self, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """(K, m, *out): what channel idx[j] of p adds to the output (no bias)."""
+    def empty(self, like: torch.Tensor, absolute: bool = False) -> torch.Tensor:
+        """Output with every channel pruned (the bias, or |bias|), shaped like `like` (m, *out)."""
+        b = self.module.bias
+        if b is None:
+            return torch.zeros_like(like)
+        b = b.abs() if absolute else b
+        return b.view(-1, *([1] * (like.dim() - 2))).expand_as(like).clone()
+
+    def contributions(self, p: torch.Tensor, idx: torch.Tensor, absolute: bool = False) -> torch.Tensor:
+        """(K, m, *out): what channel idx[j] of p adds to the output (no bias); with `absolute`,
+        the same with |p| and |W| (the channel's share of T_k)."""
         mod, m, c = self.module, p.shape[0], p.shape[1]
+        weight = mod.weight.abs() if absolute else mod.weight
         if isinstance(mod, nn.Linear):
             x = p.reshape(m, c, -1).transpose(0, 1)[idx]  # (K, m, s)
-            w = mod.weight.view(mod.out_features, c, -1)[:, idx].permute(1, 2, 0)  # (K, s, out)
-            return torch.bmm(x, w)
+            w = weight.view(mod.out_features, c, -1)[:, idx].permute(1, 2, 0)  # (K, s, out)
+            return torch.bmm(x.abs() if absolute else x, w)
         k = idx.numel()
-        w = mod.weight[:, idx].transpose(0, 1).reshape(k * mod.out_channels, 1, *mod.weight.shape[2:])
-        y = _CONV_FNS[type(mod)](p[:, idx], w, None, mod.stride, mod.padding, mod.dilation, k)
+        w = weight[:, idx].transpose(0, 1).reshape(k * mod.out_channels, 1, *weight.shape[2:])
+        x = p[:, idx]
+        y = _CONV_FNS[type(mod)](x.abs() if absolute else x, w, None, mod.stride, mod.padding,
+                                 mod.dilation, k)
         return y.view(m, k, mod.out_channels, *y.shape[2:]).transpose(0, 1)
 
+    def terms(self) -> int:
+        """Products per output element (C * s for a Linear on C x s inputs)."""
+        return self.module.weight[0].numel()
+
+    def coefficient(self, num_channels: int, u: float) -> float:
+        """D <= coefficient * T_k: the full pass's dot product (n terms, in any order) plus the
+        fast path's channel shares (n / C terms each) and its at most 2C + 2 additions."""
+        n = self.terms()
+        s = max(1, n // max(num_channels, 1))
+        return eb.gamma(n + 1, u) + eb.gamma(s, u) + eb.gamma(2 * num_channels + 2, u)
+
     def bound(self, p: torch.Tensor, num_channels: int, u: float) -> eb.Bound:
-        """(M, D) of the output for every k: the full pass's dot products (n terms) and the fast
-        path's (one of n at k = 0, channel shares of n / C terms, at most 2C roundings after)."""
+        """(M, D) valid for every k, from the unpruned T_0 >= T_k."""
         mod = self.module
         wa = mod.weight.abs()
         if isinstance(mod, nn.Linear):
@@ -123,11 +150,13 @@ class Frontier:
         else:
             conv = _CONV_FNS[type(mod)]
             x, apply = p.abs(), (lambda v: conv(v, wa, None, mod.stride, mod.padding, mod.dilation))
-        n = mod.weight[0].numel()
-        t, _ = eb.linear_bound(x, torch.zeros_like(x), apply, mod.bias, n, u)
-        s = max(1, n // max(num_channels, 1))
-        dev = (2 * eb.gamma(n + 1, u) + eb.gamma(s, u) + eb.gamma(2 * num_channels + 2, u)) * t
-        return t, dev
+        t, _ = eb.linear_bound(x, torch.zeros_like(x), apply, mod.bias, self.terms(), u)
+        return t, self.coefficient(num_channels, u) * t
+
+    def bound_at(self, t_k: torch.Tensor, num_channels: int, u: float) -> eb.Bound:
+        """(M, D) for one k from its T_k as the sweep computed it (float sums, hence the slack)."""
+        m = t_k * (1 + eb.gamma(self.terms() + 2 * num_channels + 2, u))
+        return m, self.coefficient(num_channels, u) * m
 
 
 @dataclass
@@ -152,7 +181,13 @@ class FastPath:
     def logit_bound(self, p: torch.Tensor) -> torch.Tensor:
         """(m, classes): bound on |fast logit - full-pass logit| for these samples, for every k."""
         u = eb.unit_roundoff(p.dtype)
-        bounds = [f.bound(p, p.shape[1], u) for f in self.frontier]
+        _, d = eb.propagate(self.tail, [f.bound(p, p.shape[1], u) for f in self.frontier], u)
+        return d.flatten(1)
+
+    def logit_bound_at(self, t_k: list[torch.Tensor], num_channels: int) -> torch.Tensor:
+        """(q, classes): the same bound for q (k, sample) pairs from their own T_k (tighter)."""
+        u = eb.unit_roundoff(t_k[0].dtype)
+        bounds = [f.bound_at(t, num_channels, u) for f, t in zip(self.frontier, t_k)]
         _, d = eb.propagate(self.tail, bounds, u)
         return d.flatten(1)
 

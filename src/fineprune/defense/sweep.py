@@ -139,17 +139,19 @@ class _Counter:
         for j, lab in enumerate(labels):
             self.counts[j][k0 : k0 + pred.shape[0]] += (pred == lab).sum(dim=1)
 
-    def _add_exact(self, values: list[torch.Tensor], labels: list[torch.Tensor], k_start: int = 0) -> None:
-        """Several masks per head call: (k, sample) pairs stacked into one batch (k >= k_start)."""
-        n, k_total = values[0].shape[0], self.keep.shape[0]
+    def _add_exact(self, values: list[torch.Tensor], labels: list[torch.Tensor],
+                   k_stop: int | None = None) -> None:
+        """Several masks per head call: (k, sample) pairs stacked into one batch (k < k_stop)."""
+        n = values[0].shape[0]
+        k_total = self.keep.shape[0] if k_stop is None else k_stop
         per_sample = max(1, sum(v[0].numel() for v in values))
         m_chunk = max(1, min(n, self.budget // per_sample))
         k_chunk = max(1, self.budget // (per_sample * m_chunk))
         for s in range(0, n, m_chunk):
             vals = [v[s : s + m_chunk] for v in values]
             m = vals[0].shape[0]
-            for k0 in range(k_start, k_total, k_chunk):
-                kk = self.keep[k0 : k0 + k_chunk]
+            for k0 in range(0, k_total, k_chunk):
+                kk = self.keep[k0 : min(k_total, k0 + k_chunk)]
                 r = kk.shape[0]
                 p = _masked(vals[0].unsqueeze(0), kk.unsqueeze(1)).view(r * m, *vals[0].shape[1:])
                 rest = [v.unsqueeze(0).expand(r, *v.shape).reshape(r * m, *v.shape[1:]) for v in vals[1:]]
@@ -158,53 +160,66 @@ class _Counter:
                 self.evaluated += r * m
 
     def _add_fast(self, p: torch.Tensor, labels: list[torch.Tensor]) -> None:
-        """Frontier outputs for k from those for k-1 minus channel order[k-1]'s share."""
+        """Frontier outputs for k from those for k+1 plus channel order[k]'s share, k = C..0."""
         fast = self.plan.fast
         n, c = p.shape[0], p.shape[1]
-        outs = [f.full(p[:1]) for f in fast.frontier]
-        width = sum(o[0].numel() for o in outs)
+        width = sum(f.full(p[:1])[0].numel() for f in fast.frontier)
         m_chunk = max(1, min(n, self.budget // (4 * (p[0].numel() + 4 * width))))
         for a in range(0, n, m_chunk):
             pa = p[a : a + m_chunk]
             m = pa.shape[0]
             labs = [lab[a : a + m] for lab in labels]
             bound = fast.logit_bound(pa)
-            states = [f.full(pa) for f in fast.frontier]
-            self._fast_steps(0, [z.unsqueeze(0).clone() for z in states], bound, pa, labs)
-            k_chunk = max(1, min(c, min(self.budget, _FAST_CHUNK_ELEMS) // (m * (3 * width + 8))))
-            for j0 in range(0, c, k_chunk):
+            zs = [f.empty(f.full(pa)) for f in fast.frontier]
+            ts = [f.empty(z, absolute=True) for f, z in zip(fast.frontier, zs)]
+            self._fast_steps(c, [z.unsqueeze(0) for z in zs], [t.unsqueeze(0) for t in ts], bound, pa, labs)
+            k_chunk = max(1, min(c, min(self.budget, _FAST_CHUNK_ELEMS) // (m * (6 * width + 8))))
+            for j1 in range(c, 0, -k_chunk):
                 if self._unsure_rate > _MAX_UNSURE:  # margins too small for the bound: exact is cheaper
-                    self._add_exact([pa], labs, k_start=j0 + 1)
+                    self._add_exact([pa], labs, k_stop=j1)
                     break
-                idx = self.order[j0 : j0 + k_chunk]
-                zks = []
-                for f, z in zip(fast.frontier, states):
-                    contrib = f.contributions(pa, idx).cumsum(dim=0)  # (K, m, *out)
-                    zks.append(torch.sub(z.unsqueeze(0), contrib, out=contrib))
-                states = [zk[-1].clone() for zk in zks]  # the tail may work in place
-                self._fast_steps(j0 + 1, zks, bound, pa, labs)
+                j0 = max(0, j1 - k_chunk)
+                idx = self.order[j0:j1].flip(0)  # channels added in the order k = j1-1, ..., j0
+                zks, tks = [], []
+                for f, z, t in zip(fast.frontier, zs, ts):
+                    zks.append(_accumulate(z, f.contributions(pa, idx)))
+                    tks.append(_accumulate(t, f.contributions(pa, idx, absolute=True)))
+                zs, ts = [zk[0].clone() for zk in zks], [tk[0].clone() for tk in tks]  # k = j0
+                self._fast_steps(j0, zks, tks, bound, pa, labs)
 
-    def _fast_steps(self, k0: int, zks: list[torch.Tensor], bound: torch.Tensor, p: torch.Tensor,
-                    labels: list[torch.Tensor]) -> None:
+    def _fast_steps(self, k0: int, zks: list[torch.Tensor], tks: list[torch.Tensor],
+                    bound: torch.Tensor, p: torch.Tensor, labels: list[torch.Tensor]) -> None:
+        """Predictions for k = k0 .. k0+r-1 from frontier outputs zks (r, m, ...), their T_k in
+        tks; pairs whose margin the rounding bound cannot certify are recomputed exactly."""
         r, m = zks[0].shape[0], zks[0].shape[1]
         logits = self.plan.fast.tail(*[z.reshape(r * m, *z.shape[2:]) for z in zks])
         if logits.shape[1] < 2:
-            pred = torch.zeros(r, m, dtype=torch.long, device=logits.device)
-            unsure = ~torch.isfinite(logits).all(dim=1).view(r, m)
+            pred = torch.zeros(r * m, dtype=torch.long, device=logits.device)
+            pairs = torch.nonzero(~torch.isfinite(logits).all(dim=1)).flatten()
         else:
             top = logits.topk(2, dim=1)
-            pred = top.indices[:, 0].view(r, m)
-            unsure = eb.unsure(top.values, top.indices[:, 0], bound).view(r, m)
-        ks, rows = torch.nonzero(unsure, as_tuple=True)
-        self._unsure_rate = ks.numel() / max(1, r * m)
-        if ks.numel():
-            self.recomputed += ks.numel()
+            pred = top.indices[:, 0]
+            pairs = torch.nonzero(eb.unsure(top.values, pred, bound)).flatten()
+            if pairs.numel():  # second chance with each pair's own, smaller T_k
+                t_pairs = [t.reshape(r * m, *t.shape[2:])[pairs] for t in tks]
+                d = self.plan.fast.logit_bound_at(t_pairs, p.shape[1])
+                pairs = pairs[eb.unsure(top.values[pairs], pred[pairs], d)]
+        self._unsure_rate = pairs.numel() / max(1, r * m)
+        if pairs.numel():
+            self.recomputed += pairs.numel()
             step = max(1, self.budget // max(1, p[0].numel()))
-            for i in range(0, ks.numel(), step):
-                kb, rb = ks[i : i + step], rows[i : i + step]
-                pred[kb, rb] = self.plan.body(_masked(p[rb], self.keep[k0 + kb])).argmax(dim=1)
+            for i in range(0, pairs.numel(), step):
+                q = pairs[i : i + step]
+                ks, rows = q // m, q % m
+                pred[q] = self.plan.body(_masked(p[rows], self.keep[k0 + ks])).argmax(dim=1)
         self.evaluated += r * m
-        self._tally(k0, pred, labels)
+        self._tally(k0, pred.view(r, m), labels)
+
+
+def _accumulate(start: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
+    """Rows in increasing k: row i = start + shares[0] + ... + shares[K-1-i] (shares in the order
+    they are added, i.e. decreasing k)."""
+    return torch.add(start.unsqueeze(0), shares.cumsum_(dim=0), out=shares).flip(0)
 
 
 @dataclass
