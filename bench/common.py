@@ -63,7 +63,17 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="JSON result path (default bench/results/NAME.json)")
     p.add_argument("--rounds", type=int, default=None, help="alternating timing rounds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared machine, 2 OpenMP threads stall at "
+                        "barriers whenever another process holds a core; see BENCHMARKS.md)")
     return p
+
+
+def setup(args: argparse.Namespace) -> dict:
+    """Threads and seed as asked; the machine description (taken after setting threads)."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return machine()
 
 
 def alternate(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:

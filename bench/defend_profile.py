@@ -41,6 +41,9 @@ def _demo_setup(seed: int, tiny: bool):
     from fineprune.models.small import SmallCNN
 
     data = load_mnist5k(seed=seed)
+    if tiny:
+        from fineprune.tasks import shrink
+        data = shrink(data, 0.1, seed, eval_fraction=0.3)
     attack = BadNets(PatchTrigger(size=(3, 3), position=(-2, -2), color=(1.0,)), AllToOne(0),
                      rate=0.10, seed=seed)
     return data, attack, lambda: SmallCNN(), ATTACKER_TRAINING, None
@@ -139,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--finetune-epochs", type=int, default=None, help="default: the defense's own")
     p.add_argument("--top", type=int, default=15)
     args = p.parse_args(argv)
-    torch.manual_seed(args.seed)
-    info = common.machine()
+    info = common.setup(args)
     tasks = [t for t in args.tasks if t == "demo" or common.data_root().is_dir()]
     results = [bench_task(t, args) for t in tasks]
     common.write_result("defend_profile", args.out, common.finish({"machine": info, "results": results}))

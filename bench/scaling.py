@@ -87,15 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--one", nargs=3, metavar=("N", "C", "MAX_CACHE_MB"), help=argparse_help())
     p.add_argument("--budget-mb", type=float, default=64.0, help="working memory of head batches")
     args = p.parse_args(argv)
+    info = common.setup(args)
     if args.one:
         n, c, cap = int(args.one[0]), int(args.one[1]), args.one[2]
         print(json.dumps(one(n, c, None if cap == "none" else float(cap), args.budget_mb, args.seed)))
         return 0
-    info = common.machine()
     rows = []
     for n, c, cap in configs(args.tiny):
         cmd = [sys.executable, __file__, "--one", str(n), str(c), "none" if cap is None else str(cap),
-               "--budget-mb", str(1.0 if args.tiny else args.budget_mb), "--seed", str(args.seed)]
+               "--budget-mb", str(1.0 if args.tiny else args.budget_mb), "--seed", str(args.seed),
+               "--threads", str(args.threads)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         row = json.loads(out.strip().splitlines()[-1])
         rows.append(row)

@@ -214,9 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--legacy", type=Path, default=None,
                    help="an older sweep.py to time alongside (before/after comparison)")
     args = p.parse_args(argv)
-    torch.manual_seed(args.seed)
+    info = common.setup(args)
     legacy = load_legacy(args.legacy) if args.legacy else None
-    info = common.machine()
     results = [bench_model(m, args, legacy) for m in args.models]
     common.write_result("sweep_speed", args.out, common.finish({"machine": info, "results": results}))
     return 0

@@ -165,6 +165,7 @@ class FastPath:
 
     frontier: list[Frontier]
     tail: fx.GraphModule
+    tail_in_place: bool = True  # whether the tail may modify its inputs (then they are copied)
 
     def applies_to(self, p: torch.Tensor) -> bool:
         """Shape checks that tracing cannot make (a Linear must read exactly flatten(p))."""
@@ -280,6 +281,20 @@ def _fast_path(body: fx.GraphModule) -> FastPath | None:
     tail = fx.GraphModule(body, tail_g)
     tail.graph.eliminate_dead_code()
     tail.recompile()
-    return FastPath(frontier=[Frontier(mods[f.target], fl) for f, fl in frontier], tail=tail)
+    return FastPath(frontier=[Frontier(mods[f.target], fl) for f, fl in frontier], tail=tail,
+                    tail_in_place=_may_work_in_place(tail))
+
+
+def _may_work_in_place(gm: fx.GraphModule) -> bool:
+    mods = _modules(gm)
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and getattr(mods.get(n.target), "inplace", False):
+            return True
+        if n.op in ("call_function", "call_method") and (n.kwargs.get("inplace") or (
+                isinstance(n.target, str) and n.target.endswith("_"))):
+            return True
+        if n.op == "call_function" and getattr(n.target, "__name__", "").endswith("_"):
+            return True
+    return False
 
 

@@ -11,6 +11,7 @@ masked network for each k. All paths give the predictions of the masked full net
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -163,33 +164,37 @@ class _Counter:
         """Frontier outputs for k from those for k+1 plus channel order[k]'s share, k = C..0."""
         fast = self.plan.fast
         n, c = p.shape[0], p.shape[1]
-        width = sum(f.full(p[:1])[0].numel() for f in fast.frontier)
+        shapes = [f.full(p[:1]).shape[1:] for f in fast.frontier]
+        width = sum(math.prod(sh) for sh in shapes)
         m_chunk = max(1, min(n, self.budget // (4 * (p[0].numel() + 4 * width))))
         for a in range(0, n, m_chunk):
             pa = p[a : a + m_chunk]
             m = pa.shape[0]
             labs = [lab[a : a + m] for lab in labels]
             bound = fast.logit_bound(pa)
-            zs = [f.empty(f.full(pa)) for f in fast.frontier]
+            zs = [f.empty(pa.new_empty(m, *sh)) for f, sh in zip(fast.frontier, shapes)]
             ts = [f.empty(z, absolute=True) for f, z in zip(fast.frontier, zs)]
-            self._fast_steps(c, [z.unsqueeze(0) for z in zs], [t.unsqueeze(0) for t in ts], bound, pa, labs)
+            self._fast_steps(torch.tensor([c]), [z.unsqueeze(0).clone() for z in zs],
+                             [t.unsqueeze(0) for t in ts], bound, pa, labs)
             k_chunk = max(1, min(c, min(self.budget, _FAST_CHUNK_ELEMS) // (m * (6 * width + 8))))
             for j1 in range(c, 0, -k_chunk):
                 if self._unsure_rate > _MAX_UNSURE:  # margins too small for the bound: exact is cheaper
                     self._add_exact([pa], labs, k_stop=j1)
                     break
                 j0 = max(0, j1 - k_chunk)
-                idx = self.order[j0:j1].flip(0)  # channels added in the order k = j1-1, ..., j0
-                zks, tks = [], []
-                for f, z, t in zip(fast.frontier, zs, ts):
-                    zks.append(_accumulate(z, f.contributions(pa, idx)))
-                    tks.append(_accumulate(t, f.contributions(pa, idx, absolute=True)))
-                zs, ts = [zk[0].clone() for zk in zks], [tk[0].clone() for tk in tks]  # k = j0
-                self._fast_steps(j0, zks, tks, bound, pa, labs)
+                ks = torch.arange(j1 - 1, j0 - 1, -1)  # row i of this chunk is k = j1-1-i
+                idx = self.order[ks.to(self.order.device)]
+                zks = [_accumulate(z, f.contributions(pa, idx)) for f, z in zip(fast.frontier, zs)]
+                tks = [_accumulate(t, f.contributions(pa, idx, absolute=True))
+                       for f, t in zip(fast.frontier, ts)]
+                zs, ts = [zk[-1] for zk in zks], [tk[-1] for tk in tks]
+                if fast.tail_in_place:
+                    zs = [z.clone() for z in zs]
+                self._fast_steps(ks, zks, tks, bound, pa, labs)
 
-    def _fast_steps(self, k0: int, zks: list[torch.Tensor], tks: list[torch.Tensor],
+    def _fast_steps(self, ks: torch.Tensor, zks: list[torch.Tensor], tks: list[torch.Tensor],
                     bound: torch.Tensor, p: torch.Tensor, labels: list[torch.Tensor]) -> None:
-        """Predictions for k = k0 .. k0+r-1 from frontier outputs zks (r, m, ...), their T_k in
+        """Predictions for k = ks[i] from frontier outputs zks[.][i] (r, m, ...), their T_k in
         tks; pairs whose margin the rounding bound cannot certify are recomputed exactly."""
         r, m = zks[0].shape[0], zks[0].shape[1]
         logits = self.plan.fast.tail(*[z.reshape(r * m, *z.shape[2:]) for z in zks])
@@ -205,21 +210,26 @@ class _Counter:
                 d = self.plan.fast.logit_bound_at(t_pairs, p.shape[1])
                 pairs = pairs[eb.unsure(top.values[pairs], pred[pairs], d)]
         self._unsure_rate = pairs.numel() / max(1, r * m)
+        ks_dev = ks.to(pred.device)
         if pairs.numel():
             self.recomputed += pairs.numel()
             step = max(1, self.budget // max(1, p[0].numel()))
             for i in range(0, pairs.numel(), step):
                 q = pairs[i : i + step]
-                ks, rows = q // m, q % m
-                pred[q] = self.plan.body(_masked(p[rows], self.keep[k0 + ks])).argmax(dim=1)
+                rows = q % m
+                pred[q] = self.plan.body(_masked(p[rows], self.keep[ks_dev[q // m]])).argmax(dim=1)
         self.evaluated += r * m
-        self._tally(k0, pred.view(r, m), labels)
+        pred = pred.view(r, m)
+        for j, lab in enumerate(labels):
+            self.counts[j].index_add_(0, ks_dev, (pred == lab).sum(dim=1))
 
 
 def _accumulate(start: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
-    """Rows in increasing k: row i = start + shares[0] + ... + shares[K-1-i] (shares in the order
-    they are added, i.e. decreasing k)."""
-    return torch.add(start.unsqueeze(0), shares.cumsum_(dim=0), out=shares).flip(0)
+    """In place: row i = start + shares[0] + ... + shares[i] (one pass, sums in that order)."""
+    shares[0] += start
+    for i in range(1, shares.shape[0]):
+        shares[i] += shares[i - 1]
+    return shares
 
 
 @dataclass

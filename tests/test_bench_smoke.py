@@ -1,0 +1,45 @@
+"""Each benchmark script runs end to end at a tiny size and writes valid JSON (not a benchmark)."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _run(script: str, args: list[str]) -> None:
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", BENCH / f"{script}.py")
+    mod = importlib.util.module_from_spec(spec)
+    threads = torch.get_num_threads()
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(mod)
+        assert mod.main(args) == 0
+    finally:
+        sys.path.remove(str(BENCH))
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("script,extra,keys", [
+    ("sweep_speed", ["--models", "traffic"], ["ratios", "counts_equal_usual", "times"]),
+    ("finetune_throughput", [], ["samples_per_s", "identical_weights"]),
+    ("scaling", [], ["seconds", "rss_peak_mb", "streamed_samples"]),
+    ("defend_profile", ["--tasks", "demo"], ["seconds", "top_tottime"]),
+])
+def test_bench_script_tiny(tmp_path, script, extra, keys):
+    out = tmp_path / f"{script}.json"
+    _run(script, ["--tiny", "--out", str(out), *extra])
+    data = json.loads(out.read_text())
+    assert data["machine"]["nproc"] >= 1 and data["machine"]["torch"]
+    row = data["results"][0]
+    for k in keys:
+        assert k in row
+    if script == "sweep_speed":
+        assert row["counts_equal_usual"] and row["counts_equal_exact_head"]
+    if script == "finetune_throughput":
+        assert row["identical_weights"]
+    if script == "scaling":
+        assert data["bounded_equals_unbounded"]
