@@ -74,6 +74,7 @@ class _Defense:
         seed: int = 0,
         sweep_mode: str = "auto",
         budget_mb: float = 256.0,
+        max_cache_mb: float | None = None,
         progress: bool = False,
         checkpoint_path: str | os.PathLike[str] | None = None,
         resume: bool = False,
@@ -87,7 +88,8 @@ class _Defense:
         self.device = pick_device(device)
         self.seed = seed
         self.sweep_mode = sweep_mode
-        self.budget_mb = budget_mb
+        self.budget_mb = budget_mb  # working memory of the sweep's batched head calls
+        self.max_cache_mb = max_cache_mb  # bound on the sweep's cached features (None: no bound)
         self.progress = progress
 
     def _copy(self) -> nn.Module:
@@ -103,7 +105,8 @@ class _Defense:
         choice = self._choose_layer(model, val)
         x, y = tensors(val)
         curve = sweep(model, choice.name, x, y, triggered, mode=self.sweep_mode,
-                      device=self.device, progress=self.progress, budget_mb=self.budget_mb)
+                      device=self.device, progress=self.progress, budget_mb=self.budget_mb,
+                      max_cache_mb=self.max_cache_mb)
         k = stop_point(curve.clean_correct, curve.num_clean, self.threshold)
         pruned = curve.order[:k]
         set_pruned(model, choice.name, pruned, choice.channels)
@@ -187,7 +190,8 @@ def defend(
 
     `clean_val` chooses everything (ranking, stop point, fine-tuning epoch); `triggered`, if given,
     is only measured. Options: layer, threshold (points, default 4), finetune (TrainConfig),
-    device, seed, sweep_mode, progress, checkpoint_path and resume (fine-tuning checkpoints).
+    device, seed, sweep_mode, budget_mb and max_cache_mb (sweep memory), progress,
+    checkpoint_path and resume (fine-tuning checkpoints).
     """
     if method == "prune":
         return Pruning(model, **options).fit(clean_val, triggered)

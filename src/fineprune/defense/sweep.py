@@ -2,8 +2,8 @@
 
 The cached sweep runs the network up to the pruned layer once per input, keeps what crosses the
 cut (after the head's zero-preserving channel-wise prefix, e.g. a max-pool: see `head_plan`), and
-then evaluates only the head for each k: incrementally when the head starts with a Linear layer,
-else several k per batch of the exact head. The same pass gives the channel statistics. With
+then evaluates only the head for each k: incrementally when every first layer after the cut is
+linear (`head_plan`), else several k per batch of the exact head (`counting`). The same pass gives the channel statistics. With
 `max_cache_mb`, what does not fit is recomputed chunk by chunk after the ranking pass instead of
 being kept. When the model cannot be cut (torch.fx cannot trace it), the fallback runs the whole
 masked network for each k. All paths give the predictions of the masked full network.
@@ -11,7 +11,6 @@ masked network for each k. All paths give the predictions of the masked full net
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -19,17 +18,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .counting import Counter
 from .cut import NetworkCut, cut_at
-from . import error_bounds as eb
 from .head_plan import HeadPlan, plan_head
 from .mask import clear_mask, set_pruned
 
 log = logging.getLogger(__name__)
 
-# Elements per step-chunk of the incremental path: small enough to stay in cache (measured).
-_FAST_CHUNK_ELEMS = 2**22
-# Above this share of (k, sample) pairs needing the exact head, the rest of a chunk goes exact.
-_MAX_UNSURE = 0.5
 
 
 @dataclass
@@ -73,15 +68,6 @@ class SweepCurve:
         return [k / self.num_channels for k in range(self.num_channels + 1)]
 
 
-def _keep_matrix(order: torch.Tensor, ks: range, device: torch.device) -> torch.Tensor:
-    """Row i keeps every channel except the first ks[i] of `order`."""
-    c = order.numel()
-    rank = torch.empty(c, dtype=torch.long)
-    rank[order] = torch.arange(c)
-    ks_t = torch.tensor(list(ks), dtype=torch.long).unsqueeze(1)
-    return (rank.unsqueeze(0) >= ks_t).to(device)
-
-
 def channel_means_of(h: torch.Tensor) -> torch.Tensor:
     """Mean over samples and positions of each channel (dim 1), accumulated in float64."""
     dims = [d for d in range(h.dim()) if d != 1]
@@ -96,140 +82,6 @@ def _channel_sums(h: torch.Tensor) -> torch.Tensor:
 
 def _nbytes(values: list[torch.Tensor]) -> int:
     return sum(v.numel() * v.element_size() for v in values)
-
-
-def _masked(p: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """`p` (..., C, *spatial) with channels where `keep` (..., C) is False set to exactly zero
-    (even Inf/NaN), broadcasting the leading dims: one pass, no intermediate copy."""
-    spatial = p.dim() - keep.dim()
-    return torch.where(keep.view(*keep.shape, *([1] * spatial)), p, 0.0)
-
-
-class _Counter:
-    """Per-k counts of predictions equal to each label tensor, over parts of a data set."""
-
-    def __init__(self, plan: HeadPlan, order: torch.Tensor, num_labels: int, budget_elems: int,
-                 device: torch.device, fast: bool) -> None:
-        self.plan = plan
-        c = order.numel()
-        self.order = order.to(device)
-        self.keep = _keep_matrix(order, range(c + 1), device)  # row k keeps all but order[:k]
-        self.counts = [torch.zeros(c + 1, dtype=torch.long, device=device) for _ in range(num_labels)]
-        self.budget = budget_elems
-        self.fast = fast and plan.fast is not None
-        self.recomputed = 0  # (k, sample) pairs of the fast path re-run with the exact head
-        self.evaluated = 0
-        self.fast_samples = 0
-        self._unsure_rate = 0.0
-
-    @torch.inference_mode()
-    def add(self, values: list[torch.Tensor], labels: list[torch.Tensor]) -> None:
-        if values[0].shape[0] == 0:
-            return
-        labels = [lab.to(values[0].device) for lab in labels]
-        if self.fast and self.plan.fast.applies_to(values[0]):
-            self._add_fast(values[0], labels)
-            self.fast_samples += values[0].shape[0]
-        else:
-            self._add_exact(values, labels)
-
-    def result(self) -> list[list[int]]:
-        return [c.cpu().tolist() for c in self.counts]
-
-    def _tally(self, k0: int, pred: torch.Tensor, labels: list[torch.Tensor]) -> None:
-        for j, lab in enumerate(labels):
-            self.counts[j][k0 : k0 + pred.shape[0]] += (pred == lab).sum(dim=1)
-
-    def _add_exact(self, values: list[torch.Tensor], labels: list[torch.Tensor],
-                   k_stop: int | None = None) -> None:
-        """Several masks per head call: (k, sample) pairs stacked into one batch (k < k_stop)."""
-        n = values[0].shape[0]
-        k_total = self.keep.shape[0] if k_stop is None else k_stop
-        per_sample = max(1, sum(v[0].numel() for v in values))
-        m_chunk = max(1, min(n, self.budget // per_sample))
-        k_chunk = max(1, self.budget // (per_sample * m_chunk))
-        for s in range(0, n, m_chunk):
-            vals = [v[s : s + m_chunk] for v in values]
-            m = vals[0].shape[0]
-            for k0 in range(0, k_total, k_chunk):
-                kk = self.keep[k0 : min(k_total, k0 + k_chunk)]
-                r = kk.shape[0]
-                p = _masked(vals[0].unsqueeze(0), kk.unsqueeze(1)).view(r * m, *vals[0].shape[1:])
-                rest = [v.unsqueeze(0).expand(r, *v.shape).reshape(r * m, *v.shape[1:]) for v in vals[1:]]
-                pred = self.plan.body(p, *rest).argmax(dim=1).view(r, m)
-                self._tally(k0, pred, [lab[s : s + m] for lab in labels])
-                self.evaluated += r * m
-
-    def _add_fast(self, p: torch.Tensor, labels: list[torch.Tensor]) -> None:
-        """Frontier outputs for k from those for k+1 plus channel order[k]'s share, k = C..0."""
-        fast = self.plan.fast
-        n, c = p.shape[0], p.shape[1]
-        shapes = [f.full(p[:1]).shape[1:] for f in fast.frontier]
-        width = sum(math.prod(sh) for sh in shapes)
-        m_chunk = max(1, min(n, self.budget // (4 * (p[0].numel() + 4 * width))))
-        for a in range(0, n, m_chunk):
-            pa = p[a : a + m_chunk]
-            m = pa.shape[0]
-            labs = [lab[a : a + m] for lab in labels]
-            bound = fast.logit_bound(pa)
-            zs = [f.empty(pa.new_empty(m, *sh)) for f, sh in zip(fast.frontier, shapes)]
-            ts = [f.empty(z, absolute=True) for f, z in zip(fast.frontier, zs)]
-            self._fast_steps(torch.tensor([c]), [z.unsqueeze(0).clone() for z in zs],
-                             [t.unsqueeze(0) for t in ts], bound, pa, labs)
-            k_chunk = max(1, min(c, min(self.budget, _FAST_CHUNK_ELEMS) // (m * (6 * width + 8))))
-            for j1 in range(c, 0, -k_chunk):
-                if self._unsure_rate > _MAX_UNSURE:  # margins too small for the bound: exact is cheaper
-                    self._add_exact([pa], labs, k_stop=j1)
-                    break
-                j0 = max(0, j1 - k_chunk)
-                ks = torch.arange(j1 - 1, j0 - 1, -1)  # row i of this chunk is k = j1-1-i
-                idx = self.order[ks.to(self.order.device)]
-                zks = [_accumulate(z, f.contributions(pa, idx)) for f, z in zip(fast.frontier, zs)]
-                tks = [_accumulate(t, f.contributions(pa, idx, absolute=True))
-                       for f, t in zip(fast.frontier, ts)]
-                zs, ts = [zk[-1] for zk in zks], [tk[-1] for tk in tks]
-                if fast.tail_in_place:
-                    zs = [z.clone() for z in zs]
-                self._fast_steps(ks, zks, tks, bound, pa, labs)
-
-    def _fast_steps(self, ks: torch.Tensor, zks: list[torch.Tensor], tks: list[torch.Tensor],
-                    bound: torch.Tensor, p: torch.Tensor, labels: list[torch.Tensor]) -> None:
-        """Predictions for k = ks[i] from frontier outputs zks[.][i] (r, m, ...), their T_k in
-        tks; pairs whose margin the rounding bound cannot certify are recomputed exactly."""
-        r, m = zks[0].shape[0], zks[0].shape[1]
-        logits = self.plan.fast.tail(*[z.reshape(r * m, *z.shape[2:]) for z in zks])
-        if logits.shape[1] < 2:
-            pred = torch.zeros(r * m, dtype=torch.long, device=logits.device)
-            pairs = torch.nonzero(~torch.isfinite(logits).all(dim=1)).flatten()
-        else:
-            top = logits.topk(2, dim=1)
-            pred = top.indices[:, 0]
-            pairs = torch.nonzero(eb.unsure(top.values, pred, bound)).flatten()
-            if pairs.numel():  # second chance with each pair's own, smaller T_k
-                t_pairs = [t.reshape(r * m, *t.shape[2:])[pairs] for t in tks]
-                d = self.plan.fast.logit_bound_at(t_pairs, p.shape[1])
-                pairs = pairs[eb.unsure(top.values[pairs], pred[pairs], d)]
-        self._unsure_rate = pairs.numel() / max(1, r * m)
-        ks_dev = ks.to(pred.device)
-        if pairs.numel():
-            self.recomputed += pairs.numel()
-            step = max(1, self.budget // max(1, p[0].numel()))
-            for i in range(0, pairs.numel(), step):
-                q = pairs[i : i + step]
-                rows = q % m
-                pred[q] = self.plan.body(_masked(p[rows], self.keep[ks_dev[q // m]])).argmax(dim=1)
-        self.evaluated += r * m
-        pred = pred.view(r, m)
-        for j, lab in enumerate(labels):
-            self.counts[j].index_add_(0, ks_dev, (pred == lab).sum(dim=1))
-
-
-def _accumulate(start: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
-    """In place: row i = start + shares[0] + ... + shares[i] (one pass, sums in that order)."""
-    shares[0] += start
-    for i in range(1, shares.shape[0]):
-        shares[i] += shares[i - 1]
-    return shares
 
 
 @dataclass
@@ -331,7 +183,7 @@ def cached_sweep(
         order = torch.sort(means, stable=True).indices
         c = order.numel()
         budget = max(1, int(budget_mb * 2**20 / 4))
-        counters = [_Counter(plan, order, len(d.labels), budget, device, fast) for d in sets]
+        counters = [Counter(plan, order, len(d.labels), budget, device, fast) for d in sets]
         kbar = tqdm(total=total, desc="sweep", unit="img", disable=not progress, leave=False)
         for d, counter in zip(sets, counters):
             counter.add(d.stored, [lab[: d.n_stored] for lab in d.labels])
