@@ -52,9 +52,10 @@ def machine() -> dict:
     }
 
 
-def finish(info: dict) -> dict:
-    info["loadavg_end"] = list(os.getloadavg())
-    return info
+def finish(payload: dict) -> dict:
+    """Stamp the load average at the end into the payload's machine description."""
+    payload["machine"]["loadavg_end"] = list(os.getloadavg())
+    return payload
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

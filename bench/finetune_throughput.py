@@ -46,18 +46,12 @@ def plain_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCon
     model.eval()
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = common.base_parser(__doc__.splitlines()[0])
-    p.add_argument("--model", default="traffic", choices=["traffic", "face", "speech", "resnet18"])
-    p.add_argument("--n-train", type=int, default=4096)
-    p.add_argument("--epochs", type=int, default=1)
-    args = p.parse_args(argv)
-    info = common.setup(args)
-    data, kind = common.load_task(common.MODEL_TASK[args.model], synthetic=args.tiny, seed=args.seed)
+def bench_model(name: str, args) -> dict:
+    data, kind = common.load_task(common.MODEL_TASK[name], synthetic=args.tiny, seed=args.seed)
     x, y = tensors(data.train)
     n = min(x.shape[0], 128 if args.tiny else args.n_train)
     x, y = x[:n].contiguous(), y[:n].contiguous()
-    base = common.build_model(args.model, data.num_classes).eval()
+    base = common.build_model(name, data.num_classes).eval()
     choice = find_prune_layer(base, x[:2])
     set_pruned(base, choice.name, list(range(0, choice.channels, 3)), choice.channels)  # as after pruning
     cfg = copy.deepcopy(DEFAULT_FINETUNE)
@@ -77,24 +71,36 @@ def main(argv: list[str] | None = None) -> int:
         plain_loop(m, x, y, cfg, args.seed)
         finals["plain"] = m
 
-    run_plain()  # warm-up
+    run_plain()  # warm-up (the first optimizer imports torch._dynamo)
     times = common.alternate({"fineprune_train": run_fineprune, "plain_loop": run_plain},
                              args.rounds or (1 if args.tiny else 5))
     a, b = finals["fineprune"].state_dict(), finals["plain"].state_dict()
     same = all(torch.equal(a[k], b[k]) for k in a)
     samples = n * cfg.epochs
     result = {
-        "model": args.model, "data": kind, "n_train": n, "epochs": cfg.epochs, "config": cfg.to_dict(),
+        "model": name, "data": kind, "n_train": n, "epochs": cfg.epochs, "config": cfg.to_dict(),
         "pruned_layer": choice.name, "times": common.summary(times),
         "samples_per_s": {k: round(samples / common.median(v), 1) for k, v in times.items()},
         "fineprune_over_plain_time": round(common.paired_ratio(times["fineprune_train"], times["plain_loop"]), 4),
         "identical_weights": same,
     }
     result["goal_within_5pct"] = result["fineprune_over_plain_time"] <= 1.05
-    print(f"{args.model}: fineprune {result['samples_per_s']['fineprune_train']}/s, plain "
+    print(f"{name}: fineprune {result['samples_per_s']['fineprune_train']}/s, plain "
           f"{result['samples_per_s']['plain_loop']}/s, time ratio {result['fineprune_over_plain_time']}, "
           f"identical weights {same}", flush=True)
-    common.write_result("finetune_throughput", args.out, common.finish({"machine": info, "results": [result]}))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["traffic", "face"],
+                   choices=["traffic", "face", "speech", "resnet18"])
+    p.add_argument("--n-train", type=int, default=4096)
+    p.add_argument("--epochs", type=int, default=1)
+    args = p.parse_args(argv)
+    info = common.setup(args)
+    results = [bench_model(m, args) for m in args.models]
+    common.write_result("finetune_throughput", args.out, common.finish({"machine": info, "results": results}))
     return 0
 
 

@@ -25,7 +25,7 @@ def _run(script: str, args: list[str]) -> None:
 
 @pytest.mark.parametrize("script,extra,keys", [
     ("sweep_speed", ["--models", "traffic"], ["ratios", "counts_equal_usual", "times"]),
-    ("finetune_throughput", [], ["samples_per_s", "identical_weights"]),
+    ("finetune_throughput", ["--models", "traffic"], ["samples_per_s", "identical_weights"]),
     ("scaling", [], ["seconds", "rss_peak_mb", "streamed_samples"]),
     ("defend_profile", ["--tasks", "demo"], ["seconds", "top_tottime"]),
 ])

@@ -116,3 +116,16 @@ def test_non_finite_activations_match_full_passes():
     x = torch.rand(30, 1, 8, 8)
     y = torch.randint(0, 5, (30,))
     _same(cached_sweep(m, "relu", x, y), full_sweep(m, "relu", x, y))
+
+
+def test_falls_back_to_exact_head_when_the_bound_certifies_little(monkeypatch):
+    from fineprune.defense import error_bounds
+
+    monkeypatch.setattr(error_bounds, "unit_roundoff", lambda dtype: 1e-2)  # a hopeless bound
+    torch.manual_seed(7)
+    m = SmallCNN().eval()
+    x = torch.rand(64, 1, 28, 28)
+    y = _labels(m, x, 10)
+    a = cached_sweep(m, "features.7", x, y, budget_mb=0.5)  # small budget: many step chunks
+    assert a.extra["fast_path"] and a.extra["recomputed"] < a.extra["evaluated"] / 3
+    _same(a, full_sweep(m, "features.7", x, y))

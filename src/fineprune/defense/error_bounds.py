@@ -5,7 +5,8 @@ a sum of n products plus a bias, computed in any order, with or without FMA, is 
 gamma(n+1) * (|b| + sum |w||x|), gamma(n) = n u / (1 - n u), u the unit roundoff. We propagate,
 per sample and per element, two non-negative tensors through the head's tail:
 
-* M bounds |exact value| for every k (pruning only removes terms, so unpruned magnitudes bound all k);
+* M bounds |exact value| for every k (pruning only removes terms, so unpruned magnitudes bound all
+  k), or, for a given (k, sample), the fast path's actual values stand in for it;
 * D bounds |fast value - exact| + |full-pass value - exact|, so |fast - full| <= D.
 
 1-Lipschitz element-wise maps and max-pooling keep (M, D); linear maps take D to |W| D plus both
@@ -74,25 +75,26 @@ def supported(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
 
 
 def linear_bound(m: torch.Tensor, d: torch.Tensor, apply_abs, bias: torch.Tensor | None,
-                 terms: int, u: float) -> Bound:
-    """Through y = W x + b, where `apply_abs(v)` computes |W| v (no bias)."""
+                 terms: int, u: float, need_mag: bool = True) -> Bound:
+    """Through y = W x + b, where `apply_abs(v)` computes |W| v (no bias):
+    D' = |W| D + 2 gamma (|W| (M + D) + |b|), evaluated as one product by linearity."""
     g = gamma(terms + 1, u)
     b = bias.abs().view(-1, *([1] * (m.dim() - 2))) if bias is not None else 0.0
-    mag = apply_abs(m) + b
-    dev = apply_abs(d) + 2 * g * (apply_abs(m + d) + b)
-    return mag * (1 + g), dev * (1 + g)
+    dev = (apply_abs((1 + 2 * g) * d + 2 * g * m) + 2 * g * b) * (1 + g)
+    mag = (apply_abs(m) + b) * (1 + g) if need_mag else m
+    return mag, dev
 
 
-def _module_bound(mod: nn.Module, m: torch.Tensor, d: torch.Tensor, u: float) -> Bound:
+def _module_bound(mod: nn.Module, m: torch.Tensor, d: torch.Tensor, u: float, need_mag: bool) -> Bound:
     if isinstance(mod, nn.Linear):
         wa = mod.weight.abs()
-        return linear_bound(m, d, lambda v: F.linear(v, wa), mod.bias, mod.in_features, u)
+        return linear_bound(m, d, lambda v: F.linear(v, wa), mod.bias, mod.in_features, u, need_mag)
     if isinstance(mod, _CONVS):
         wa = mod.weight.abs()
         conv = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}[type(mod)]
         terms = wa[0].numel()
         return linear_bound(m, d, lambda v: conv(v, wa, None, mod.stride, mod.padding, mod.dilation,
-                                                  mod.groups), mod.bias, terms, u)
+                                                  mod.groups), mod.bias, terms, u, need_mag)
     if isinstance(mod, _BATCHNORMS):
         return _batchnorm_bound(mod, m, d, u)
     if isinstance(mod, _AVG_POOLS):
@@ -116,8 +118,13 @@ def _batchnorm_bound(bn: nn.Module, m: torch.Tensor, d: torch.Tensor, u: float) 
     return mag * (1 + g), dev * (1 + g)
 
 
-def propagate(tail: fx.GraphModule, inputs: list[Bound], u: float) -> Bound:
-    """(M, D) of the tail's output given (M, D) of each of its inputs."""
+def propagate(tail: fx.GraphModule, inputs: list[Bound], u: float, values: bool = False) -> Bound:
+    """(M, D) of the tail's output given (M, D) of each of its inputs.
+
+    With `values`, the first tensor of each pair is the fast path's actual (signed) value V
+    instead of a magnitude bound: the tail is evaluated alongside and each op's rounding is
+    bounded with |V| (the fast path's own operand) and |V| + D (the full pass's), which is much
+    tighter than magnitudes propagated from the unpruned sums."""
     mods = dict(tail.named_modules())
     env: dict[fx.Node, Bound] = {}
     it = iter(inputs)
@@ -127,16 +134,20 @@ def propagate(tail: fx.GraphModule, inputs: list[Bound], u: float) -> Bound:
         elif node.op == "output":
             return env[node.args[0]]
         elif node.op == "call_module":
-            m, d = env[node.args[0]]
-            env[node] = _module_bound(mods[node.target], m, d, u)
+            v, d = env[node.args[0]]
+            mod = mods[node.target]
+            m_out, d_out = _module_bound(mod, v.abs() if values else v, d, u, need_mag=not values)
+            env[node] = (mod(v.clone() if getattr(mod, "inplace", False) else v) if values else m_out), d_out
         elif node.target in (operator.add, torch.add):
-            (ma, da), (mb, db) = (env[a] if isinstance(a, fx.Node) else _const(a) for a in node.args)
-            env[node] = (ma + mb) * (1 + u), da + db + 2 * u * (ma + mb + da + db)
+            (va, da), (vb, db) = (env[a] if isinstance(a, fx.Node) else _const(a) for a in node.args)
+            ma, mb = (va.abs(), vb.abs()) if values else (va, vb)
+            d_out = da + db + 2 * u * (ma + mb + da + db)
+            env[node] = (va + vb if values else (ma + mb) * (1 + u)), d_out
         else:  # flatten / relu in function or method form, extra args constant
-            m, d = env[node.args[0]]
+            v, d = env[node.args[0]]
             fn = (lambda t: getattr(t, node.target)(*node.args[1:], **node.kwargs)) \
                 if node.op == "call_method" else (lambda t: node.target(t, *node.args[1:], **node.kwargs))
-            env[node] = fn(m), fn(d)
+            env[node] = fn(v), fn(d)
     raise ValueError("tail graph has no output")
 
 
@@ -145,13 +156,13 @@ def _const(a: object) -> Bound:
     return torch.tensor(v), torch.tensor(0.0)
 
 
-def unsure(top2_values: torch.Tensor, top_index: torch.Tensor, d_logits: torch.Tensor) -> torch.Tensor:
-    """Which fast predictions might differ from the full pass's. Row r of `top2_values` (its two
-    largest logits, from sample r % m of the m samples `d_logits` bounds) is sure when
+def unsure(margin: torch.Tensor, winner: torch.Tensor, d_logits: torch.Tensor) -> torch.Tensor:
+    """Which fast predictions might differ from the full pass's. Row r (top-2 logit `margin`,
+    predicted class `winner`, from sample r % m of the m samples `d_logits` bounds) is sure when
     margin > D[winner] + max_j D[j]: then the winner also beats every class j in the full pass.
     The 1% slack covers the float evaluation of the bound itself (relative error ~ n u)."""
     m = d_logits.shape[0]
-    d = d_logits.repeat(top_index.shape[0] // m, 1)
-    need = (d.gather(1, top_index.view(-1, 1)).squeeze(1) + d.amax(dim=1)) * 1.01
+    d = d_logits.repeat(winner.shape[0] // m, 1)
+    need = (d.gather(1, winner.view(-1, 1)).squeeze(1) + d.amax(dim=1)) * 1.01
     need = need + torch.finfo(d.dtype).tiny * 1e6  # underflow slack
-    return ~(top2_values[:, 0] - top2_values[:, 1] > need)  # NaN counts as unsure
+    return ~(margin > need)  # NaN counts as unsure

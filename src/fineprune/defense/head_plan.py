@@ -7,13 +7,12 @@ Two facts about the head (the network after the masked tensor h) make the sweep 
   follow h directly form the *prefix*; it runs once on the cached h, and the (often pooled,
   smaller) result is cached instead.
 * When every use of the prefix's output is a Linear (after flatten) or a convolution -- the
-  *frontier* -- each frontier output after pruning k channels is that of k-1 channels minus the
-  contribution of channel order[k-1]. All k then cost about one pass of the frontier layers,
-  plus the rest of the head (the *tail*: ReLU, the next layers) per k. Float sums in another
-  order differ in the last bits, so each prediction comes with a rigorous per-sample rounding
-  bound covering *both* this path and a full forward pass (`error_bounds`); predictions whose
-  top-2 logit margin is within it are recomputed with the exact head, so the result equals the
-  full passes' predictions.
+  *frontier* -- each frontier output with k channels pruned is that with k+1 pruned plus the
+  share of channel order[k]. All k then cost about one pass of the frontier layers, plus the
+  rest of the head (the *tail*: ReLU, the next layers) per k. Float sums in another order differ
+  in the last bits, so each prediction comes with a rigorous rounding bound covering *both* this
+  path and a full forward pass (`error_bounds`); predictions whose top-2 logit margin is within
+  it are recomputed with the exact head, so the result equals the full passes' predictions.
 """
 from __future__ import annotations
 
@@ -153,10 +152,10 @@ class Frontier:
         t, _ = eb.linear_bound(x, torch.zeros_like(x), apply, mod.bias, self.terms(), u)
         return t, self.coefficient(num_channels, u) * t
 
-    def bound_at(self, t_k: torch.Tensor, num_channels: int, u: float) -> eb.Bound:
-        """(M, D) for one k from its T_k as the sweep computed it (float sums, hence the slack)."""
-        m = t_k * (1 + eb.gamma(self.terms() + 2 * num_channels + 2, u))
-        return m, self.coefficient(num_channels, u) * m
+    def deviation_at(self, t_k: torch.Tensor, num_channels: int, u: float) -> torch.Tensor:
+        """D for one k from its T_k as the sweep computed it (float sums, hence the slack)."""
+        t = t_k * (1 + eb.gamma(self.terms() + 2 * num_channels + 2, u))
+        return self.coefficient(num_channels, u) * t
 
 
 @dataclass
@@ -185,12 +184,14 @@ class FastPath:
         _, d = eb.propagate(self.tail, [f.bound(p, p.shape[1], u) for f in self.frontier], u)
         return d.flatten(1)
 
-    def logit_bound_at(self, t_k: list[torch.Tensor], num_channels: int) -> torch.Tensor:
-        """(q, classes): the same bound for q (k, sample) pairs from their own T_k (tighter)."""
+    def logits_with_bound(self, z_k: list[torch.Tensor], t_k: list[torch.Tensor],
+                          num_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and their (q, classes) bound for q (k, sample) pairs from their own frontier
+        values z_k and sums T_k, the tail's rounding bounded by its actual values (tighter)."""
         u = eb.unit_roundoff(t_k[0].dtype)
-        bounds = [f.bound_at(t, num_channels, u) for f, t in zip(self.frontier, t_k)]
-        _, d = eb.propagate(self.tail, bounds, u)
-        return d.flatten(1)
+        inputs = [(z, f.deviation_at(t, num_channels, u)) for f, z, t in zip(self.frontier, z_k, t_k)]
+        logits, d = eb.propagate(self.tail, inputs, u, values=True)
+        return logits, d.flatten(1)
 
 
 @dataclass

@@ -130,6 +130,38 @@ def _alloc(shapes: list[tuple[torch.Size, torch.dtype]], n: int, device: torch.d
     return [torch.empty((n, *shape), dtype=dtype, device=device) for shape, dtype in shapes]
 
 
+def _first_pass(sets: list[_Data], front: _Front, shapes: list, per_sample: int, limit: float | None) -> None:
+    """Channel statistics, caching what fits in `limit` bytes (whole batches). The ranking needs
+    all clean data; the triggered set's uncached rest waits for `_stream_rest`."""
+    room = float("inf") if limit is None else limit
+    for i, d in enumerate(sets):
+        n = d.x.shape[0]
+        fit = n if room == float("inf") else min(n, int(room // max(per_sample, 1)))
+        fit = fit if fit == n else fit - fit % front.bs
+        room -= fit * per_sample
+        d.n_stored = fit
+        d.stored = _alloc(shapes, fit, front.device)
+        front.run(d, 0, fit, d.stored)
+        if i == 0 and fit < n:
+            front.run(d, fit, n, None)
+
+
+def _stream_rest(sets: list[_Data], counters: list[Counter], front: _Front, shapes: list,
+                 per_sample: int, limit: float | None, bar: tqdm) -> None:
+    """Recompute the uncached samples in groups of whole batches that fit in `limit` bytes."""
+    group = front.bs if limit is None else max(1, int(limit // max(per_sample, 1)) // front.bs) * front.bs
+    for i, d in enumerate(sets):
+        n = d.x.shape[0]
+        for a in range(d.n_stored, n, group):
+            b = min(n, a + group)
+            chunk = _alloc(shapes, b - a, front.device)
+            # The clean set's statistics were all taken in the first pass.
+            front.run(_Data(d.x, []) if i == 0 else d, a, b, chunk)
+            counters[i].add(chunk, [lab[a:b] for lab in d.labels])
+            bar.update(b - a)
+            del chunk
+
+
 def cached_sweep(
     model: nn.Module,
     layer: str,
@@ -149,7 +181,7 @@ def cached_sweep(
 
     `budget_mb` bounds the working memory of batched head calls; `max_cache_mb` bounds the cached
     features: what does not fit is recomputed in chunks after the ranking pass (no disk needed).
-    `fast=False` disables the incremental linear-head path (for comparisons)."""
+    `fast=False` disables the incremental frontier path (for comparisons)."""
     t0 = time.perf_counter()
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -165,23 +197,11 @@ def cached_sweep(
         front = _Front(cut, plan, batch_size, device, bar)
         positions, shapes = front.shapes(x_clean)
         per_sample = _nbytes([torch.empty(s, dtype=t) for s, t in shapes])
-        room = float("inf") if max_cache_mb is None else max_cache_mb * 2**20
-        # Pass 1: channel statistics, caching what fits. The ranking needs all clean data; the
-        # triggered set's uncached rest is run in pass 2 only.
-        for i, d in enumerate(sets):
-            n = d.x.shape[0]
-            fit = n if room == float("inf") else min(n, int(room // max(per_sample, 1)))
-            fit = fit if fit == n else fit - fit % batch_size
-            room -= fit * per_sample
-            d.n_stored = fit
-            d.stored = _alloc(shapes, fit, device)
-            front.run(d, 0, fit, d.stored)
-            if i == 0 and fit < n:
-                front.run(d, fit, n, None)
+        limit = None if max_cache_mb is None else max_cache_mb * 2**20
+        _first_pass(sets, front, shapes, per_sample, limit)
         bar.close()
         means = (torch.stack(sets[0].sums).sum(0) / (sets[0].x.shape[0] * positions)).cpu()
         order = torch.sort(means, stable=True).indices
-        c = order.numel()
         budget = max(1, int(budget_mb * 2**20 / 4))
         counters = [Counter(plan, order, len(d.labels), budget, device, fast) for d in sets]
         kbar = tqdm(total=total, desc="sweep", unit="img", disable=not progress, leave=False)
@@ -189,27 +209,15 @@ def cached_sweep(
             counter.add(d.stored, [lab[: d.n_stored] for lab in d.labels])
             kbar.update(d.n_stored)
             d.stored = None  # free before streaming the rest
-        limit = None if max_cache_mb is None else max_cache_mb * 2**20
-        group = batch_size if limit is None else max(batch_size, int(limit // max(per_sample, 1)) // batch_size * batch_size)
-        for i, d in enumerate(sets):
-            n = d.x.shape[0]
-            for a in range(d.n_stored, n, group):
-                b = min(n, a + group)
-                chunk = _alloc(shapes, b - a, device)
-                if i == 0:
-                    front.run(_Data(d.x, []), a, b, chunk)  # statistics already taken in pass 1
-                else:
-                    front.run(d, a, b, chunk)
-                counters[i].add(chunk, [lab[a:b] for lab in d.labels])
-                kbar.update(b - a)
-                del chunk
+        _stream_rest(sets, counters, front, shapes, per_sample, limit, kbar)
         kbar.close()
         clean_correct, = counters[0].result()
         asr_hits = robust_hits = trig_means = None
         if triggered is not None:
             asr_hits, robust_hits = counters[1].result()
-            trig_means = (torch.stack(sets[1].sums).sum(0)
-                          / (triggered.x.shape[0] * positions)).cpu().tolist()
+            if sets[1].sums:
+                trig_means = (torch.stack(sets[1].sums).sum(0)
+                              / (triggered.x.shape[0] * positions)).cpu().tolist()
     finally:
         model.train(was_training)
     extra = {
