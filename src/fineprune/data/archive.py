@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fineprune.errors import BadInputError
+from fineprune.runtime import sha256_file as _sha256_bytes
 
 ARCHIVE_SUFFIX = ".tar.xz"
 
@@ -26,15 +27,11 @@ _SHA_MEMO: dict[tuple[str, int, int], str] = {}
 
 
 def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    """Hex SHA-256 of a file's bytes, remembered while its size and mtime are unchanged."""
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _SHA_MEMO:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
-        _SHA_MEMO[key] = h.hexdigest()
+        _SHA_MEMO[key] = _sha256_bytes(path)
     return _SHA_MEMO[key]
 
 

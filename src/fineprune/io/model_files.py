@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ast
 import collections
-import hashlib
 import io
 import json
 import math
@@ -46,7 +45,7 @@ import torch
 from torch import nn
 
 from fineprune.errors import BadInputError, UnsafeModelError
-from fineprune.runtime import atomic_path
+from fineprune.runtime import atomic_path, sha256_file
 
 __all__ = ["LoadedModel", "load_weights", "save_weights", "load_into", "ACCEPTED_FORMATS"]
 
@@ -125,14 +124,6 @@ def _first_line(exc: BaseException, limit: int = 200) -> str:
     return type(exc).__name__
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fmt_list(items: list[str], n: int = 5) -> str:
     shown = ", ".join(_clean(i, 60) for i in items[:n])
     return shown + (f" (+{len(items) - n} more)" if len(items) > n else "")
@@ -176,7 +167,7 @@ def load_weights(path: str | os.PathLike[str]) -> LoadedModel:
 
     _check_tensors(sd, name, size)
     return LoadedModel(
-        state_dict=sd, scripted=None, format=fmt, metadata=metadata, sha256=_sha256(p), source=str(p)
+        state_dict=sd, scripted=None, format=fmt, metadata=metadata, sha256=sha256_file(p), source=str(p)
     )
 
 

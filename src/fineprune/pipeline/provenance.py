@@ -7,13 +7,7 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from ..runtime import sha256_file
 
 
 def sha256_path(path: str | os.PathLike[str]) -> str:
@@ -22,14 +16,14 @@ def sha256_path(path: str | os.PathLike[str]) -> str:
     adding or changing any file changes the hash."""
     p = Path(path)
     if p.is_file():
-        return _file_sha256(p)
+        return sha256_file(p)
     h = hashlib.sha256()
     for dirpath, dirnames, filenames in os.walk(p):
         dirnames.sort()
         for name in sorted(filenames):
             f = Path(dirpath) / name
             rel = f.relative_to(p).as_posix()
-            h.update(f"{rel}\t{_file_sha256(f)}\n".encode())
+            h.update(f"{rel}\t{sha256_file(f)}\n".encode())
     return h.hexdigest()
 
 
