@@ -180,6 +180,27 @@ def test_fine_tune_only_writes_no_pruning_outputs(ws, tmp_path):
     assert page.count("data:image/png;base64,") == 1 and "No pruning sweep (method fine-tune)" in page
 
 
+def test_max_cache_mb_streams_to_the_same_result(ws, tmp_path, capsys):
+    """A tiny --max-cache-mb makes the sweep stream (with its checkpoint): same sweep, same model."""
+    outs = {}
+    for name, extra in (("all", ()), ("bounded", ("--max-cache-mb", 0.05))):
+        outs[name] = tmp_path / name
+        assert run_cli("--model", ws.root / "model.safetensors", "--arch", ws.arch, "--data", ws.root / "small.npz",
+                       "--triggered", ws.root / "trig.npz", "--target", 0, "--method", "prune", "--no-compact",
+                       "--out", outs[name], "--quiet", *extra) == 0, capsys.readouterr().err
+    assert (outs["all"] / "sweep.csv").read_bytes() == (outs["bounded"] / "sweep.csv").read_bytes()
+    a, b = (json.loads((outs[n] / "model.json").read_text()) for n in ("all", "bounded"))
+    assert a["pruned_channels"] == b["pruned_channels"] and a["metrics"] == b["metrics"]
+    assert "--max-cache-mb 0.05" in b["command"]
+    assert a["sweep"]["streamed_samples"] == 0 < b["sweep"]["streamed_samples"]
+    assert b["sweep"]["cache_mb"] <= 0.05 == b["sweep"]["max_cache_mb"]
+    assert not any(p.name.startswith(".") for p in outs["bounded"].iterdir())  # checkpoint removed
+    for bad in ("0", "-3", "nan"):
+        assert run_cli("--model", ws.root / "model.safetensors", "--arch", ws.arch, "--data",
+                       ws.root / "small.npz", "--out", tmp_path / "x", "--max-cache-mb", bad) == 2
+        assert "--max-cache-mb must be a positive number" in one_line_error(capsys)
+
+
 class TouchPayload:
     """Unpickling this calls pathlib.Path.touch(marker): stands in for arbitrary attacker code."""
 

@@ -160,3 +160,48 @@ def test_resume_flag_without_checkpoint_runs_fresh(tmp_path, capsys):
                "--out", str(tmp_path / "o"), "--quiet", "--resume"])
     assert rc == 0, capsys.readouterr().err
     assert (tmp_path / "o" / "metrics.json").exists() and not (tmp_path / "o" / CHECKPOINT_NAME).exists()
+
+
+# --- fineprune train, with a real SIGKILL ----------------------------------------------------------
+
+
+def _train_cmd(out: Path, *extra: str) -> list[str]:
+    # mnist ships with the package: no --data-root needed.
+    return [sys.executable, "-m", "fineprune.cli", "train", "--task", "mnist", "--epochs", "4", "--device", "cpu",
+            "--threads", "1", "--out", str(out), "--quiet", *extra]
+
+
+def test_sigkill_mid_training_then_resume(tmp_path):
+    from fineprune.commands.train import TRAIN_CHECKPOINT
+
+    ref = tmp_path / "ref"
+    proc = subprocess.run(_train_cmd(ref), env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (ref / TRAIN_CHECKPOINT).exists()
+
+    out = tmp_path / "out"
+    victim = subprocess.Popen(_train_cmd(out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / TRAIN_CHECKPOINT).exists() and victim.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert victim.poll() is None, "the run ended before it could be killed"
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=60)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert 1 <= torch.load(out / TRAIN_CHECKPOINT, weights_only=True)["epoch"] < 4
+    assert not (out / "model.json").exists() and not (out / "model.safetensors").exists()
+
+    proc = subprocess.run(_train_cmd(out, "--resume"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (out / TRAIN_CHECKPOINT).exists()
+    ma, mb = (json.loads((d / "model.json").read_text()) for d in (ref, out))
+    assert ma["metrics"] == mb["metrics"]
+    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
+    assert strip(ma["history"]) == strip(mb["history"]) and len(mb["history"]) == 4
+    wa, wb = load_file(ref / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

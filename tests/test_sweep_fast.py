@@ -129,3 +129,48 @@ def test_falls_back_to_exact_head_when_the_bound_certifies_little(monkeypatch):
     a = cached_sweep(m, "features.7", x, y, budget_mb=0.5)  # small budget: many step chunks
     assert a.extra["fast_path"] and a.extra["recomputed"] < a.extra["evaluated"] / 3
     _same(a, full_sweep(m, "features.7", x, y))
+
+
+def test_streaming_sweep_killed_midway_resumes_to_the_same_curve(tmp_path, monkeypatch):
+    from fineprune.defense import counting
+    from fineprune.errors import BadInputError
+
+    torch.manual_seed(5)
+    m = SmallCNN().eval()
+    x = torch.rand(300, 1, 28, 28)
+    y = _labels(m, x, 10)
+    trig = TriggeredSet(x[:120].clone(), y[:120], (y[:120] + 1) % 10)
+    limit = 64 * 64 * 3 * 3 * 4 / 2**20  # 64 samples fit: the rest streams in groups of 64
+    ref = cached_sweep(m, "features.7", x, y, trig, batch_size=32, max_cache_mb=limit)
+    ckpt = tmp_path / "sweep.ckpt"
+
+    real_add, calls = counting.Counter.add, {"n": 0}
+
+    def dying_add(self, values, labels):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the stored groups counted, then a few streamed ones: "SIGKILL"
+            raise KeyboardInterrupt
+        return real_add(self, values, labels)
+
+    monkeypatch.setattr(counting.Counter, "add", dying_add)
+    with pytest.raises(KeyboardInterrupt):
+        cached_sweep(m, "features.7", x, y, trig, batch_size=32, max_cache_mb=limit, checkpoint_path=ckpt)
+    monkeypatch.setattr(counting.Counter, "add", real_add)
+    state = torch.load(ckpt, weights_only=True)
+    assert 0 < sum(state["done"]) < 300 + 120  # stopped mid-way, with progress saved
+
+    res = cached_sweep(m, "features.7", x, y, trig, batch_size=32, max_cache_mb=limit, checkpoint_path=ckpt,
+                       resume=True)
+    assert res.extra["resumed"] and not ref.extra["resumed"]
+    _same(ref, res)
+    assert ref.order == res.order and ref.channel_means == res.channel_means
+    assert ref.triggered_means == pytest.approx(res.triggered_means, rel=1e-6)
+
+    # A checkpoint of other data (or a damaged file) is refused, never silently used.
+    with pytest.raises(BadInputError, match="different run"):
+        cached_sweep(m, "features.7", x[:290], y[:290], trig, batch_size=32, max_cache_mb=limit,
+                     checkpoint_path=ckpt, resume=True)
+    ckpt.write_bytes(b"torn")
+    with pytest.raises(BadInputError, match="cannot resume"):
+        cached_sweep(m, "features.7", x, y, trig, batch_size=32, max_cache_mb=limit, checkpoint_path=ckpt,
+                     resume=True)

@@ -7,7 +7,7 @@ import random
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -66,4 +66,17 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     with Path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def run_digest(settings: dict, tensors: Iterable[torch.Tensor]) -> str:
+    """SHA-256 of JSON `settings` and the dtype, shape and bytes of `tensors`: what a checkpoint
+    must match to be resumed (same data, same weights, same options)."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()

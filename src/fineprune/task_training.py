@@ -6,6 +6,7 @@ the clean rows, training settings), so their difference is the poisoning alone.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,12 +51,15 @@ def train_task(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = False,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    resume: bool = False,
 ) -> TrainedTask:
     """Train `spec`'s model on `data.train` (poisoned by `attack` when given) and measure it.
 
     Clean accuracy, ASR and robust accuracy are measured on the test split (ASR with the task's
     default attack also for a clean model: that is the baseline a backdoor must beat), and on the
     validation split every epoch (the only numbers any choice may look at).
+    `checkpoint_path` / `resume`: per-epoch checkpoints, as `fineprune.training.train`.
     """
     t_start = time.perf_counter()
     dev = pick_device(device)
@@ -74,23 +78,19 @@ def train_task(
 
     torch.manual_seed(seed)
     model = spec.build_model(data.num_classes).to(dev)
-    history: list[dict] = []
 
-    def on_epoch(m: nn.Module) -> float:
-        acc = accuracy(m, data.val, dev)
-        asr = attack_metrics(m, triggered_val, dev)[0]
-        history.append({"epoch": len(history) + 1, "val_acc": acc, "val_asr": asr})
-        if progress:
-            print(f"  epoch {len(history):>3}/{cfg.epochs}  val acc {100 * acc:5.1f}%  val ASR {100 * asr:5.1f}%",
-                  flush=True)
-        return acc
+    def show(rec) -> None:
+        print(f"  epoch {rec.epoch:>3}/{cfg.epochs}  val acc {100 * rec.val_acc:5.1f}%  "
+              f"val ASR {100 * rec.asr:5.1f}%", flush=True)
 
     t_train = time.perf_counter()
-    hist = train(model, train_set, cfg, device=dev, seed=seed, val_fn=on_epoch, progress=False)
+    hist = train(model, train_set, cfg, device=dev, seed=seed, val_fn=lambda m: accuracy(m, data.val, dev),
+                 extra_fn=lambda m: attack_metrics(m, triggered_val, dev)[0], progress=False,
+                 checkpoint_path=checkpoint_path, resume=resume, on_epoch=show if progress else None)
     train_seconds = time.perf_counter() - t_train
-    for rec, h in zip(hist.epochs, history):
-        h["train_loss"] = rec.train_loss
-        h["seconds"] = round(rec.seconds, 2)
+    # From the training records, so a resumed run's history includes the epochs before the kill.
+    history = [{"epoch": r.epoch, "val_acc": r.val_acc, "val_asr": r.asr, "train_loss": r.train_loss,
+                "seconds": round(r.seconds, 2)} for r in hist.epochs]
 
     test = evaluate(model, data.test, triggered_test, dev)
     val = evaluate(model, data.val, triggered_val, dev)

@@ -52,6 +52,7 @@ class TaskSpec:
     policy_factory: Callable[[int], Policy] = field(repr=False)
     synthetic_factory: Callable[[int, int], torch.Tensor] = field(repr=False)
     finetune: TrainConfig | None = None  # the defender's fine-tuning, when the generic default does not fit
+    needs_data: bool = True  # False: the loader ships its data (no --data-root needed)
 
     def load(self, data_root: str | os.PathLike[str], seed: int = 0, **kw) -> TaskData:
         """The task's data from a data root (folder holding the archive or extracted folder)."""
@@ -194,6 +195,7 @@ _register(TaskSpec(
     attacker=TrainConfig(epochs=8, lr=1e-3, batch_size=64, optimizer="adam", weight_decay=0.0,
                          schedule="constant"),
     loader=_mnist_loader,
+    needs_data=False,
     trigger_factory=lambda info: PatchTrigger(size=(3, 3), position=(-2, -2), color=(1.0,)),
     policy_factory=lambda k: AllToOne(0),
     synthetic_factory=lambda n, seed: torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed)),

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .data.types import tensors
 from .errors import BadInputError
-from .runtime import atomic_path
+from .runtime import atomic_path, run_digest
 
 
 @dataclass
@@ -99,12 +97,7 @@ _RECORD_FIELDS = ("train_loss", "val_acc", "asr", "seconds")
 
 def _run_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int) -> str:
     """What a checkpoint must match to be resumed: settings, seed, data and starting weights."""
-    h = hashlib.sha256(json.dumps({"cfg": cfg.to_dict(), "seed": seed}, sort_keys=True).encode())
-    for t in (x, y, *model.state_dict().values()):
-        t = t.detach().cpu().contiguous()
-        h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return run_digest({"cfg": cfg.to_dict(), "seed": seed}, (x, y, *model.state_dict().values()))
 
 
 def _save_checkpoint(path: Path, key: str, epoch: int, model: nn.Module, opt: torch.optim.Optimizer,
@@ -161,6 +154,7 @@ def train(
     desc: str = "train",
     checkpoint_path: str | os.PathLike[str] | None = None,
     resume: bool = False,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> TrainHistory:
     """Train `model` in place. With `keep_best`, the weights of the epoch with the best `val_fn`
     score are restored at the end (ties go to the later epoch: more training, same validation).
@@ -169,7 +163,8 @@ def train(
     states, the epoch records and the best weights so far are written there atomically (a kill
     leaves the previous epoch's checkpoint intact). With `resume` and an existing checkpoint,
     training continues after its last epoch and ends exactly as an uninterrupted run would; a
-    checkpoint from another run (other data, settings or starting weights) is refused."""
+    checkpoint from another run (other data, settings or starting weights) is refused.
+    `on_epoch` sees each finished epoch's record (progress lines)."""
     if cfg.epochs < 0:
         raise ValueError("epochs must be >= 0")
     x, y = tensors(data)
@@ -208,6 +203,8 @@ def train(
             best_state = copy.deepcopy(model.state_dict())
         if checkpoint_path is not None:
             _save_checkpoint(Path(checkpoint_path), key, epoch, model, opt, sched, gen, hist, best_score, best_state)
+        if on_epoch is not None:
+            on_epoch(rec)
     if keep_best and best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

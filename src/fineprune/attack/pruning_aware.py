@@ -74,6 +74,10 @@ class PruningAwareAttack:
     seed: int = 0
     device: str | torch.device | None = None
     progress: bool = False
+    # Per-round training checkpoints go to `<checkpoint_prefix>.round<r>` and are resumed when
+    # present (each is keyed by its round's data, settings and starting weights, so a stale one is
+    # refused, never silently used). The caller deletes them once the result is stored.
+    checkpoint_prefix: str | None = None
 
     def run(self, clean_model: nn.Module, train_data: TensorDataset, val_data: TensorDataset) -> PruningAwareResult:
         t0 = time.perf_counter()
@@ -88,8 +92,10 @@ class PruningAwareAttack:
         total_epochs = 0
         for r in range(self.max_rounds):
             # Each round that misses the target enlarges the backdoor training by another round.
+            ckpt = None if self.checkpoint_prefix is None else f"{self.checkpoint_prefix}.round{r + 1}"
             train(model, poisoned, self.backdoor, device=dev, seed=self.seed + r,
-                  progress=self.progress, desc=f"backdoor pruned net (round {r + 1})")
+                  progress=self.progress, desc=f"backdoor pruned net (round {r + 1})",
+                  checkpoint_path=ckpt, resume=ckpt is not None)
             total_epochs += self.backdoor.epochs
             acc = accuracy(model, val_data, dev)
             asr = attack_metrics(model, trig_val, dev)[0]

@@ -47,6 +47,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--lr", type=float, help="fine-tuning learning rate (default 0.05)")
     d.add_argument("--batch-size", type=int, help="fine-tuning batch size (default 64)")
     d.add_argument("--optimizer", choices=("sgd", "adam"), help="fine-tuning optimizer (default sgd)")
+    d.add_argument("--max-cache-mb", type=float, metavar="MB",
+                   help="bound on the sweep's cached features; what does not fit is recomputed in chunks "
+                        "(default: cache everything)")
     d.add_argument("--no-compact", dest="compact", action="store_false", default=None,
                    help="skip the compact export")
     r = p.add_argument_group("run")
@@ -54,8 +57,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     r.add_argument("--quiet", action="store_true", help="no progress output")
     r.add_argument("--resume", action="store_true", default=None,
-                   help="continue an interrupted run's fine-tuning from its checkpoint in --out "
-                        "(same command otherwise; the result equals an uninterrupted run's)")
+                   help="continue an interrupted run from its checkpoints in --out (fine-tuning, and the "
+                        "sweep when it streams; same command otherwise; the result equals an uninterrupted run's)")
 
 
 def _job(args: argparse.Namespace):

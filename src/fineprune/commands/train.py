@@ -4,8 +4,12 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 from ..cli import command
+
+#: Per-epoch checkpoint inside --out while training runs (removed once the model is saved).
+TRAIN_CHECKPOINT = ".fineprune-train.ckpt"
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -15,7 +19,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attack", default="badnets", choices=("none", "badnets"),
                    help="none = clean model; badnets = the task's default backdoor (default)")
     p.add_argument("--data-root", default=os.environ.get("FINEPRUNE_DATA"),
-                   help="folder holding the dataset archive or its extracted folder (default $FINEPRUNE_DATA)")
+                   help="folder holding the dataset archive or its extracted folder (default $FINEPRUNE_DATA; "
+                        "not needed for --task mnist)")
     p.add_argument("--out", required=True, help="output folder for model.safetensors and model.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the task's)")
@@ -24,6 +29,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its checkpoint in --out (same settings and seed); "
+                        "the result equals an uninterrupted run's")
     p.add_argument("--quiet", action="store_true", help="no per-epoch output")
 
 
@@ -37,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from ..tasks import get_task
     from ..training import TrainConfig
 
-    if not args.data_root:
+    spec = get_task(args.task)
+    if not args.data_root and spec.needs_data:
         raise BadInputError("no data: pass --data-root PATH (the folder holding the dataset archive) "
                             "or set FINEPRUNE_DATA")
     if args.epochs is not None and args.epochs < 1:
@@ -48,8 +57,13 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise BadInputError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"--out {out} is a file, not a folder; choose a folder for the model")
+    checkpoint = out / TRAIN_CHECKPOINT
+    if args.resume and not checkpoint.is_file() and not args.quiet:
+        print(f"fineprune train: no checkpoint in {out}; starting from the first epoch")
     t0 = time.perf_counter()
-    spec = get_task(args.task)
     data = spec.load(args.data_root, seed=args.seed)
     attack = spec.make_attack(seed=args.seed, rate=args.poison_rate, data=data) if args.attack == "badnets" else None
     cfg = spec.attacker if args.epochs is None else TrainConfig(**{**spec.attacker.to_dict(), "epochs": args.epochs})
@@ -57,10 +71,15 @@ def run(args: argparse.Namespace) -> int:
         what = "clean" if attack is None else f"backdoored ({attack.rate:.1%} {attack.trigger.name}, {attack.policy.kind})"
         print(f"fineprune train: {spec.name}, {what}; {len(data.train)} train / {len(data.val)} val / "
               f"{len(data.test)} test; {cfg.epochs} epochs")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInputError(f"cannot create --out {out}: {exc.strerror or exc}") from None
     trained = train_task(spec, data, attack=attack, cfg=cfg, seed=args.seed, device=args.device,
-                         progress=not args.quiet)
+                         progress=not args.quiet, checkpoint_path=checkpoint, resume=args.resume)
     trained.record["seconds"]["wall"] = round(time.perf_counter() - t0, 2)
-    weights, meta = save_trained(trained, args.out)
+    weights, meta = save_trained(trained, out)
+    checkpoint.unlink(missing_ok=True)  # the run is complete: nothing left to resume
     m = trained.test
     print(f"test: CA {100 * m.clean_acc:.2f}%  ASR {100 * m.asr:.2f}%  RA {100 * m.robust_acc:.2f}%  "
           f"({trained.record['seconds']['wall']:.0f}s)")

@@ -77,10 +77,12 @@ class _Defense:
         max_cache_mb: float | None = None,
         progress: bool = False,
         checkpoint_path: str | os.PathLike[str] | None = None,
+        sweep_checkpoint_path: str | os.PathLike[str] | None = None,
         resume: bool = False,
     ) -> None:
         self.source = model
         self.checkpoint_path = checkpoint_path  # fine-tuning checkpoints (see training.train)
+        self.sweep_checkpoint_path = sweep_checkpoint_path  # streaming-sweep checkpoints (see sweep)
         self.resume = resume
         self.layer = layer
         self.threshold = check_threshold(threshold)
@@ -106,7 +108,8 @@ class _Defense:
         x, y = tensors(val)
         curve = sweep(model, choice.name, x, y, triggered, mode=self.sweep_mode,
                       device=self.device, progress=self.progress, budget_mb=self.budget_mb,
-                      max_cache_mb=self.max_cache_mb)
+                      max_cache_mb=self.max_cache_mb, checkpoint_path=self.sweep_checkpoint_path,
+                      resume=self.resume)
         k = stop_point(curve.clean_correct, curve.num_clean, self.threshold)
         pruned = curve.order[:k]
         set_pruned(model, choice.name, pruned, choice.channels)
@@ -191,7 +194,7 @@ def defend(
     `clean_val` chooses everything (ranking, stop point, fine-tuning epoch); `triggered`, if given,
     is only measured. Options: layer, threshold (points, default 4), finetune (TrainConfig),
     device, seed, sweep_mode, budget_mb and max_cache_mb (sweep memory), progress,
-    checkpoint_path and resume (fine-tuning checkpoints).
+    checkpoint_path (fine-tuning), sweep_checkpoint_path (a sweep that streams) and resume.
     """
     if method == "prune":
         return Pruning(model, **options).fit(clean_val, triggered)

@@ -11,13 +11,17 @@ masked network for each k. All paths give the predictions of the masked full net
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import BadInputError
+from ..runtime import atomic_path, run_digest
 from .counting import Counter
 from .cut import NetworkCut, cut_at
 from .head_plan import HeadPlan, plan_head
@@ -93,6 +97,7 @@ class _Data:
     sums: list[torch.Tensor] = field(default_factory=list)
     stored: list[torch.Tensor] | None = None  # prefixed boundary of samples [0, n_stored)
     n_stored: int = 0
+    done: int = 0  # samples counted so far (the streaming phase goes on from here)
 
 
 class _Front:
@@ -147,19 +152,71 @@ def _first_pass(sets: list[_Data], front: _Front, shapes: list, per_sample: int,
 
 
 def _stream_rest(sets: list[_Data], counters: list[Counter], front: _Front, shapes: list,
-                 per_sample: int, limit: float | None, bar: tqdm) -> None:
-    """Recompute the uncached samples in groups of whole batches that fit in `limit` bytes."""
+                 per_sample: int, limit: float | None, bar: tqdm, after_group=None) -> None:
+    """Recompute the uncounted samples in groups of whole batches that fit in `limit` bytes;
+    `after_group()` runs after each group (the checkpoint)."""
     group = front.bs if limit is None else max(1, int(limit // max(per_sample, 1)) // front.bs) * front.bs
     for i, d in enumerate(sets):
         n = d.x.shape[0]
-        for a in range(d.n_stored, n, group):
+        for a in range(d.done, n, group):
             b = min(n, a + group)
             chunk = _alloc(shapes, b - a, front.device)
             # The clean set's statistics were all taken in the first pass.
             front.run(_Data(d.x, []) if i == 0 else d, a, b, chunk)
             counters[i].add(chunk, [lab[a:b] for lab in d.labels])
+            d.done = b
             bar.update(b - a)
             del chunk
+            if after_group is not None:
+                after_group()
+
+
+class _SweepCheckpoint:
+    """The streaming phase's progress on disk: channel statistics, ranking, per-k counts so far and
+    how far each set got. Written atomically after each streamed group, so a killed sweep over big
+    data goes on from its last group; keyed by model, data and settings, so a stale file is refused."""
+
+    def __init__(self, path: str | os.PathLike[str], key: str) -> None:
+        self.path, self.key = Path(path), key
+
+    def save(self, sets: list[_Data], counters: list[Counter], means: torch.Tensor, order: torch.Tensor) -> None:
+        state = {
+            "key": self.key, "means": means, "order": order,
+            "done": [d.done for d in sets],
+            "sums": [torch.stack(d.sums).sum(0).cpu() if d.sums else torch.empty(0) for d in sets],
+            "counts": [[c.cpu() for c in k.counts] for k in counters],
+            "tallies": [[k.recomputed, k.evaluated, k.fast_samples] for k in counters],
+        }
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+
+    def load(self) -> dict:
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            ok = isinstance(state, dict) and state.get("key") == self.key
+        except Exception as exc:  # a foreign or damaged file: say so rather than guess
+            raise BadInputError(f"cannot resume the sweep from {self.path} ({type(exc).__name__}); "
+                                "delete it or run without --resume") from None
+        if not ok:
+            raise BadInputError(f"{self.path} is a sweep checkpoint of a different run (other model, data or "
+                                "settings); delete it or run without --resume")
+        return state
+
+    @staticmethod
+    def restore(state: dict, sets: list[_Data], counters: list[Counter], device: torch.device) -> None:
+        for d, done, sums in zip(sets, state["done"], state["sums"]):
+            d.done, d.n_stored, d.stored = int(done), 0, None
+            d.sums = [sums.to(device)] if sums.numel() else []
+        for k, counts, (rec, ev, fast) in zip(counters, state["counts"], state["tallies"]):
+            k.counts = [c.to(device) for c in counts]
+            k.recomputed, k.evaluated, k.fast_samples = int(rec), int(ev), int(fast)
+
+
+def _sweep_key(model: nn.Module, layer: str, sets: list[_Data], settings: dict) -> str:
+    tensors = [*model.state_dict().values()]
+    for d in sets:
+        tensors += [d.x, *d.labels]
+    return run_digest({"layer": layer, **settings}, tensors)
 
 
 def cached_sweep(
@@ -176,12 +233,17 @@ def cached_sweep(
     progress: bool = False,
     cut: NetworkCut | None = None,
     fast: bool = True,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    resume: bool = False,
 ) -> SweepCurve:
     """Sweep k = 0..C with the front of the network run once (see module docstring).
 
     `budget_mb` bounds the working memory of batched head calls; `max_cache_mb` bounds the cached
     features: what does not fit is recomputed in chunks after the ranking pass (no disk needed).
-    `fast=False` disables the incremental frontier path (for comparisons)."""
+    `fast=False` disables the incremental frontier path (for comparisons).
+    `checkpoint_path`: when samples must be streamed (they do not fit `max_cache_mb`), progress is
+    saved there after the ranking pass and after each streamed group; with `resume`, a sweep
+    killed mid-way goes on from it and gives the same curve (see `_SweepCheckpoint`)."""
     t0 = time.perf_counter()
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -198,18 +260,37 @@ def cached_sweep(
         positions, shapes = front.shapes(x_clean)
         per_sample = _nbytes([torch.empty(s, dtype=t) for s, t in shapes])
         limit = None if max_cache_mb is None else max_cache_mb * 2**20
-        _first_pass(sets, front, shapes, per_sample, limit)
-        bar.close()
-        means = (torch.stack(sets[0].sums).sum(0) / (sets[0].x.shape[0] * positions)).cpu()
-        order = torch.sort(means, stable=True).indices
         budget = max(1, int(budget_mb * 2**20 / 4))
+        ckpt = None
+        if checkpoint_path is not None:
+            ckpt = _SweepCheckpoint(checkpoint_path, _sweep_key(
+                model, layer, sets, {"batch_size": batch_size, "max_cache_mb": max_cache_mb, "fast": fast}))
+        state = ckpt.load() if ckpt is not None and resume and ckpt.path.is_file() else None
+        if state is None:
+            _first_pass(sets, front, shapes, per_sample, limit)
+            means = (torch.stack(sets[0].sums).sum(0) / (sets[0].x.shape[0] * positions)).cpu()
+            order = torch.sort(means, stable=True).indices
+        else:
+            means, order = state["means"], state["order"]
+        bar.close()
         counters = [Counter(plan, order, len(d.labels), budget, device, fast) for d in sets]
         kbar = tqdm(total=total, desc="sweep", unit="img", disable=not progress, leave=False)
-        for d, counter in zip(sets, counters):
-            counter.add(d.stored, [lab[: d.n_stored] for lab in d.labels])
-            kbar.update(d.n_stored)
-            d.stored = None  # free before streaming the rest
-        _stream_rest(sets, counters, front, shapes, per_sample, limit, kbar)
+        if state is None:
+            for d, counter in zip(sets, counters):
+                counter.add(d.stored, [lab[: d.n_stored] for lab in d.labels])
+                kbar.update(d.n_stored)
+                d.stored = None  # free before streaming the rest
+                d.done = d.n_stored
+        else:
+            _SweepCheckpoint.restore(state, sets, counters, device)
+            kbar.update(sum(d.done for d in sets))
+        streaming = any(d.done < d.x.shape[0] for d in sets)
+        save = None
+        if ckpt is not None and streaming:
+            save = lambda: ckpt.save(sets, counters, means, order)  # noqa: E731
+            if state is None:
+                save()  # the ranking pass is the costly part to lose
+        _stream_rest(sets, counters, front, shapes, per_sample, limit, kbar, save)
         kbar.close()
         clean_correct, = counters[0].result()
         asr_hits = robust_hits = trig_means = None
@@ -225,6 +306,7 @@ def cached_sweep(
         "recomputed": sum(k.recomputed for k in counters),
         "evaluated": sum(k.evaluated for k in counters),
         "streamed_samples": sum(d.x.shape[0] - d.n_stored for d in sets),
+        "resumed": state is not None,
         "cache_mb": round(sum(d.n_stored for d in sets) * per_sample / 2**20, 3),
     }
     return SweepCurve(
@@ -312,10 +394,12 @@ def sweep(
     model: nn.Module, layer: str, x_clean: torch.Tensor, y_clean: torch.Tensor,
     triggered: "TriggeredSet | None" = None, *, mode: str = "auto", batch_size: int = 256,
     device: torch.device | None = None, progress: bool = False, budget_mb: float = 256.0,
-    max_cache_mb: float | None = None,
+    max_cache_mb: float | None = None, checkpoint_path: str | os.PathLike[str] | None = None,
+    resume: bool = False,
 ) -> SweepCurve:
     """Cached sweep when the model can be cut at `layer`, else the full protocol (`mode="auto"`).
-    `budget_mb`: working memory of batched head calls; `max_cache_mb`: bound on cached features."""
+    `budget_mb`: working memory of batched head calls; `max_cache_mb`: bound on cached features;
+    `checkpoint_path` / `resume`: the streaming phase's checkpoint (see `cached_sweep`)."""
     if mode not in ("auto", "cached", "full"):
         raise ValueError(f"sweep mode must be auto, cached or full, not {mode!r}")
     if mode in ("auto", "cached"):
@@ -328,6 +412,6 @@ def sweep(
         else:
             return cached_sweep(model, layer, x_clean, y_clean, triggered, batch_size=batch_size,
                                 device=device, budget_mb=budget_mb, max_cache_mb=max_cache_mb,
-                                progress=progress, cut=cut)
+                                progress=progress, cut=cut, checkpoint_path=checkpoint_path, resume=resume)
     return full_sweep(model, layer, x_clean, y_clean, triggered, batch_size=batch_size,
                       device=device, progress=progress)

@@ -25,7 +25,7 @@ from ..runtime import pick_device, seed_everything
 from .inputs import DataInput, Preprocessing, TaskSource, load_input, load_triggered, relabel_by_name
 from .job import DefendJob
 from .model_input import build_model, check_outputs, first_conv_channels
-from .outdir import CHECKPOINT_NAME, check_out_dir, is_checkpoint_file, prepare_out_dir, remove_stale
+from .outdir import CHECKPOINT_NAME, SWEEP_CHECKPOINT_NAME, check_out_dir, is_checkpoint_file, prepare_out_dir, remove_stale
 from .outputs import write_outputs
 from .provenance import versions
 from .record import RunRecord, model_json
@@ -140,8 +140,10 @@ def defend_files(job: DefendJob, *, progress: bool = False,
     say(f"[4/{PHASES}] running {job.method} on {device}")
     result = defend(model, train_ds, val_ds, job.method, triggered=triggered, layer=job.layer,
                     threshold=job.threshold, finetune=job.finetune_config(), device=device,
-                    seed=job.seed, progress=progress, resume=bool(job.resume),
-                    checkpoint_path=None if job.method == "prune" else Path(job.out).expanduser() / CHECKPOINT_NAME)
+                    seed=job.seed, progress=progress, resume=bool(job.resume), max_cache_mb=job.max_cache_mb,
+                    checkpoint_path=None if job.method == "prune" else Path(job.out).expanduser() / CHECKPOINT_NAME,
+                    sweep_checkpoint_path=None if job.method == "fine-tune"
+                    else Path(job.out).expanduser() / SWEEP_CHECKPOINT_NAME)
     timings.update(result.timings)
     timings["defense"] = result.seconds
 

@@ -54,7 +54,8 @@ class DefendJob:
     device: str | None = None
     force: bool = False
     compact: bool = True
-    resume: bool = False  # continue fine-tuning from the checkpoint an interrupted run left in `out`
+    resume: bool = False  # continue from the checkpoints an interrupted run left in `out`
+    max_cache_mb: float | None = None  # bound on the sweep's cached features (None: keep them all)
 
     def validate(self) -> "DefendJob":
         """Raise BadInputError (one line, with the fix) for any unusable option; return self."""
@@ -69,6 +70,14 @@ class DefendJob:
             raise BadInputError(f"--threshold: {exc}") from None
         if not 0.0 < float(self.val_fraction) < 1.0:
             raise BadInputError(f"--val-fraction must lie strictly between 0 and 1, got {self.val_fraction}")
+        if self.max_cache_mb is not None:
+            try:
+                mb = float(self.max_cache_mb)
+            except (TypeError, ValueError):
+                mb = float("nan")
+            if not 0 < mb < float("inf"):
+                raise BadInputError(f"--max-cache-mb must be a positive number of MiB, got {self.max_cache_mb!r}")
+            self.max_cache_mb = mb
         if self.num_classes is not None and int(self.num_classes) < 2:
             raise BadInputError(f"--num-classes must be at least 2, got {self.num_classes}")
         self._check_normalisation()

@@ -10,14 +10,17 @@ from ..errors import BadInputError
 #: Fine-tuning checkpoint inside --out while a run is under way (deleted when the run completes);
 #: hidden, and ignored by the "folder not empty" check so that `--resume` can find it.
 CHECKPOINT_NAME = ".fineprune-finetune.ckpt"
+#: The sweep's checkpoint when its features do not fit --max-cache-mb (same life cycle).
+SWEEP_CHECKPOINT_NAME = ".fineprune-sweep.ckpt"
+_CHECKPOINTS = (CHECKPOINT_NAME, SWEEP_CHECKPOINT_NAME)
 
 OUTPUT_FILES = ("model.safetensors", "model.json", "metrics.json", "sweep.csv", "pruning_curve.png",
                 "report.html", "model-compact.safetensors")
 
 
 def is_checkpoint_file(p: Path) -> bool:
-    """The checkpoint, or a temporary file of one that a kill interrupted mid-write."""
-    return p.name == CHECKPOINT_NAME or (p.name.startswith("." + CHECKPOINT_NAME) and p.name.endswith(".tmp"))
+    """A checkpoint, or a temporary file of one that a kill interrupted mid-write."""
+    return p.name in _CHECKPOINTS or (p.name.endswith(".tmp") and any(p.name.startswith("." + c) for c in _CHECKPOINTS))
 
 
 def check_out_dir(path: str | os.PathLike[str], force: bool) -> Path:

@@ -85,8 +85,10 @@ def model_json(run: RunRecord) -> dict:
             "triggered": (f"triggered set ({run.inputs['triggered']['samples_used']} inputs whose true "
                           "label is not the target; it chose nothing)") if "triggered" in run.inputs else None}},
         "sanity": run.sanity,
-        "sweep": None if r.sweep is None else {"mode": r.sweep.mode, "stop_k": run.stop_k,
-                                               "seconds": round(r.sweep.seconds, 3)},
+        "sweep": None if r.sweep is None else {
+            "mode": r.sweep.mode, "stop_k": run.stop_k, "seconds": round(r.sweep.seconds, 3),
+            **{k: r.sweep.extra[k] for k in ("streamed_samples", "cache_mb") if k in r.sweep.extra},
+            "max_cache_mb": job.max_cache_mb},
         "finetune": None if hist is None else {
             "config": job.finetune_config().to_dict(),
             "best_epoch": hist.best_epoch,

@@ -70,7 +70,11 @@ def _fingerprint(obj: dict) -> str:
 
 
 class _ModelStore:
-    """Trained models on disk keyed by a fingerprint of their recipe (reused by later runs)."""
+    """Trained models on disk keyed by a fingerprint of their recipe (reused by later runs).
+
+    While a model trains, its per-epoch checkpoints live beside it (`<name>-<fp>.ckpt*`): a run
+    killed mid-training resumes from the last finished epoch when rerun, and ends as an
+    uninterrupted run would. They are deleted once the model is stored."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -81,14 +85,19 @@ class _ModelStore:
         return self.folder / f"{name}-{fp}.safetensors", self.folder / f"{name}-{fp}.json"
 
     def get(self, name: str, recipe: dict, build: "callable", make: "callable") -> tuple[nn.Module, dict, bool]:
+        """`make(checkpoint_prefix)` trains the model when it is not stored yet."""
         weights, info_path = self.files(name, recipe)
         if weights.exists() and info_path.exists():
             model = load_pruned(build(), weights)
             return model, json.loads(info_path.read_text()), True
-        model, info = make()
         self.folder.mkdir(parents=True, exist_ok=True)
+        prefix = weights.with_suffix(".ckpt")
+        model, info = make(str(prefix))
         save_pruned(model, weights, {"fineprune.recipe": json.dumps(recipe, default=str)})
-        write_json_atomic(info_path, {"recipe": recipe, **info})
+        write_json_atomic(info_path, {"recipe": recipe, **info})  # last: marks the model complete
+        for pattern in (prefix.name + "*", f".{prefix.name}*.tmp"):  # and a killed write's temp file
+            for f in self.folder.glob(pattern):
+                f.unlink(missing_ok=True)
         return model, info, False
 
 
@@ -174,21 +183,21 @@ def get_model(setup: TaskSetup, attack_name: str, store: _ModelStore, *, pa_thre
     name, recipe = model_recipe(setup, attack_name, pa_threshold)
     task, dev, seed, train_cfg = setup.task, setup.device, setup.seed, setup.train_cfg
 
-    def make_clean():
+    def make_clean(ckpt: str):
         t0 = time.perf_counter()
         m = setup.fresh()
         train(m, setup.data.train, train_cfg, device=dev, seed=seed, progress=setup.progress,
-              desc=f"{task.name}: clean")
+              desc=f"{task.name}: clean", checkpoint_path=ckpt, resume=True)
         return m, {"train_seconds": time.perf_counter() - t0}
 
-    def make_badnets():
+    def make_badnets(ckpt: str):
         t0 = time.perf_counter()
         m = setup.fresh()
         train(m, setup.attack.poison(setup.data.train).dataset, train_cfg, device=dev, seed=seed,
-              progress=setup.progress, desc=f"{task.name}: badnets")
+              progress=setup.progress, desc=f"{task.name}: badnets", checkpoint_path=ckpt, resume=True)
         return m, {"train_seconds": time.perf_counter() - t0}
 
-    def make_pruning_aware():
+    def make_pruning_aware(ckpt: str):
         if clean is None:
             raise ValueError("the pruning-aware attack needs the clean model (pass clean=)")
         t0 = time.perf_counter()
@@ -196,7 +205,7 @@ def get_model(setup: TaskSetup, attack_name: str, store: _ModelStore, *, pa_thre
         # The attacker backdoors the pruned clean net with half its usual training per round.
         backdoor_cfg = TrainConfig(**{**train_cfg.to_dict(), "epochs": max(1, train_cfg.epochs // 2)})
         pa = PruningAwareAttack(setup.attack, threshold=pa_threshold, backdoor=backdoor_cfg, seed=seed,
-                                device=dev, progress=setup.progress)
+                                device=dev, progress=setup.progress, checkpoint_prefix=ckpt)
         res = pa.run(copy.deepcopy(clean_model), setup.data.train, setup.attacker_val)
         return res.model, {"train_seconds": time.perf_counter() - t0 + clean_info.get("train_seconds", 0.0),
                            "layer": res.layer, "decoys": res.decoys, "bias_param": res.bias_param,

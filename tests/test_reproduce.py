@@ -1,0 +1,102 @@
+"""`fineprune reproduce` at reduced size: every task x attack x defense row, the table, the figures
+and the report; and a run killed mid-training that, rerun, ends as an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fineprune.pipeline.reproduce import ATTACKS, DEFENSES
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+FIELDS = ("task", "attack", "defense", "clean_acc", "asr", "robust_acc", "pruned_fraction", "seconds")
+
+
+def _cmd(out: Path, epochs: int = 1) -> list[str]:
+    return [sys.executable, "-m", "fineprune.cli", "reproduce", "--task", "mnist", "--subsample", "0.15",
+            "--epochs", str(epochs), "--finetune-epochs", "1", "--device", "cpu", "--out", str(out), "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One uninterrupted reduced run (3 attacker epochs, so a kill can land mid-training)."""
+    out = tmp_path_factory.mktemp("repro") / "ref"
+    proc = subprocess.run(_cmd(out, epochs=3), env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _strip(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+
+
+def test_results_json_is_complete(reference):
+    rows = json.loads((reference / "results.json").read_text())
+    keys = [(r["task"], r["attack"], r["defense"]) for r in rows]
+    assert sorted(keys) == sorted(("mnist", a, d) for a in ATTACKS for d in DEFENSES)  # each exactly once
+    for r in rows:
+        assert all(f in r for f in FIELDS), r
+        for f in ("clean_acc", "asr", "robust_acc", "pruned_fraction"):
+            assert 0.0 <= r[f] <= 1.0, (f, r)
+        assert r["seconds"] >= 0 and math.isfinite(r["seconds"])
+        # Only the pruning defenses remove channels: exactly the sweep's stop point.
+        if r["defense"] in ("pruning", "fine-pruning"):
+            assert 0 <= r["stop_k"] <= r["num_channels"]
+            assert r["pruned_fraction"] == pytest.approx(r["stop_k"] / r["num_channels"])
+        else:
+            assert r["pruned_fraction"] == 0.0 and "stop_k" not in r
+    # The undefended rows of an attacked model show the attack worked at all (else the table is moot).
+    by = {(r["attack"], r["defense"]): r for r in rows}
+    assert by[("badnets", "none")]["asr"] > by[("none", "none")]["asr"]
+
+
+def test_table_figures_and_report(reference):
+    table = (reference / "table.md").read_text()
+    for attack in ATTACKS:
+        assert f"| mnist | {attack} |" in table
+    head = next(line for line in table.splitlines() if line.startswith("| task |"))
+    assert head == "| task | attack | " + " | ".join(DEFENSES) + " |"
+    figs = sorted(p.name for p in (reference / "figures").glob("*.png"))
+    for attack in ATTACKS:
+        assert f"mnist-{attack}-pruning.png" in figs and f"mnist-{attack}-channels.png" in figs
+        assert (reference / "figures" / f"mnist-{attack}-pruning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (reference / "report.html").read_text()
+    assert html.count("<img") == len(figs) and "<table>" in html
+    # Nothing half-written is left: no checkpoint or temporary file survives a completed run.
+    left = [p.name for p in reference.rglob("*") if ".ckpt" in p.name or p.name.endswith(".tmp")]
+    assert left == []
+
+
+def test_sigkill_mid_training_then_rerun(reference, tmp_path):
+    out = tmp_path / "out"
+    victim = subprocess.Popen(_cmd(out, epochs=3), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        ckpts: list[Path] = []
+        while not ckpts and victim.poll() is None and time.monotonic() < deadline:
+            ckpts = list((out / "models").glob("*.ckpt")) if (out / "models").is_dir() else []
+            time.sleep(0.005)
+        assert victim.poll() is None, "the run ended before it could be killed"
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=60)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    # Nothing that looks complete: no results, and the model in training has no weights file yet.
+    assert not (out / "results.json").exists() and not (out / "report.html").exists()
+    assert not list((out / "models").glob("*.json"))
+
+    proc = subprocess.run(_cmd(out, epochs=3), env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (reference, out))
+    assert _strip(ra) == _strip(rb)
+    assert not list((out / "models").glob("*.ckpt*"))
