@@ -67,6 +67,9 @@ def test_table_figures_and_report(reference):
     for attack in ATTACKS:
         assert f"mnist-{attack}-pruning.png" in figs and f"mnist-{attack}-channels.png" in figs
         assert (reference / "figures" / f"mnist-{attack}-pruning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    channels = json.loads((reference / "channels.json").read_text())
+    assert sorted(c["attack"] for c in channels) == sorted(ATTACKS)
+    assert all(c["num_channels"] > 0 and 0 <= c["dormant_clean"] <= c["num_channels"] for c in channels)
     html = (reference / "report.html").read_text()
     assert html.count("<img") == len(figs) and "<table>" in html
     # Nothing half-written is left: no checkpoint or temporary file survives a completed run.

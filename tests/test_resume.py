@@ -205,3 +205,22 @@ def test_sigkill_mid_training_then_resume(tmp_path):
     assert strip(ma["history"]) == strip(mb["history"]) and len(mb["history"]) == 4
     wa, wb = load_file(ref / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_disk_full_is_one_clear_line_and_leaves_no_partial_output(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import fineprune.runtime as runtime
+
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(runtime.os, "replace", full_disk)
+    out = tmp_path / "out"
+    rc = main(["train", "--task", "mnist", "--epochs", "1", "--device", "cpu", "--out", str(out), "--quiet"])
+    assert rc == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fineprune: error writing") and "No space left on device" in err
+    assert "\n" not in err and "Traceback" not in err
+    # Neither the model nor its record, nor a temporary file, is left behind.
+    assert [p.name for p in out.iterdir()] == []

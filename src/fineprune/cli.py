@@ -57,6 +57,10 @@ _PATH_ERRNOS = {errno.ENAMETOOLONG, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, e
                 errno.ELOOP}
 
 
+#: OSErrors of the machine rather than the input (disk full, quota, read-only or failing disk).
+_ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -74,6 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_one_line(f"fineprune: error: {exc}"), file=sys.stderr)
         return 2
     except OSError as exc:
+        if exc.errno in _ENV_ERRNOS:
+            where = f" writing {exc.filename}" if exc.filename else ""
+            print(_one_line(f"fineprune: error{where}: {exc.strerror or exc}; nothing half-written was left "
+                            "as a result (outputs are written atomically); fix the disk and rerun "
+                            "(--resume continues from the last checkpoint where the command has it)"),
+                  file=sys.stderr)
+            return 1
         if exc.errno not in _PATH_ERRNOS or exc.filename is None:
             traceback.print_exc()
             return 1

@@ -11,7 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..defense.api import DefenseResult  # noqa: E402
-from ..runtime import atomic_path, write_text_atomic  # noqa: E402
+from ..runtime import atomic_path, write_json_atomic, write_text_atomic  # noqa: E402
+from .channels import channel_findings  # noqa: E402
 from .plots import plot_pruning_curve  # noqa: E402
 
 DEFENSES = ("none", "fine-tuning", "pruning", "fine-pruning")
@@ -77,6 +78,18 @@ def plot_channel_activity(res: DefenseResult, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _findings_line(f: dict) -> str:
+    line = (f"{f['layer']}: {f['dormant_clean']} of {f['num_channels']} channels dormant on clean inputs; "
+            f"{f['stop_k']} pruned.")
+    share = f.get("trigger_gap_pruned_share")
+    if share is not None:
+        top = ", ".join(f"#{t['channel']} (rank {t['prune_rank']}{', pruned' if t['pruned'] else ''})"
+                        for t in f["top_trigger_channels"])
+        line += (f" The pruned channels hold {100 * share:.0f}% of the extra activation the trigger causes; "
+                 f"most trigger-excited channels: {top}.")
+    return line
+
+
 def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">'
@@ -88,15 +101,19 @@ def write_reproduce_outputs(out: Path, rows: list[dict], curves: dict[tuple[str,
     write_text_atomic(out / "table.md", md)
     figs = out / "figures"
     figs.mkdir(exist_ok=True)
-    sections = []
+    sections, findings = [], []
     for (task, attack), res in curves.items():
+        f = channel_findings(res.sweep, res.sweep.extra["stop_k"])
+        findings.append({"task": task, "attack": attack, **f})
         curve_png = figs / f"{task}-{attack}-pruning.png"
         act_png = figs / f"{task}-{attack}-channels.png"
         plot_pruning_curve(res.sweep, curve_png, res.sweep.extra["stop_k"],
                            title=f"{task}, {attack}: pruning {res.layer} (validation data)")
         plot_channel_activity(res, act_png, f"{task}, {attack}: channel activity ({res.layer})")
         sections.append(f"<h3>{html.escape(task)} &middot; {html.escape(attack)}</h3>"
+                        f"<p class='note'>{html.escape(_findings_line(f))}</p>"
                         f"<div class='figs'>{_img(curve_png)}{_img(act_png)}</div>")
+    write_json_atomic(out / "channels.json", findings)
     table_rows = []
     for r in rows:
         table_rows.append(
