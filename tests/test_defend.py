@@ -66,3 +66,15 @@ def test_defend_dispatches_and_validates():
         assert "clean training data" in str(exc)
     else:
         raise AssertionError("fine-prune without training data accepted")
+
+
+def test_fine_tuning_that_wrecks_accuracy_is_flagged():
+    """Labels the model predicts (75%) are what a defender's data looks like to a good model; a
+    learning rate far too high destroys it and the result says so (the face network at lr 0.05)."""
+    model, train, val = _setup()
+    wild = defend(model, train, val, "fine-tune", finetune=TrainConfig(epochs=2, lr=50.0, batch_size=32))
+    assert 100 * (wild.before.clean_acc - wild.after.clean_acc) > 4
+    assert len(wild.warnings) == 1 and "try a lower --lr" in wild.warnings[0]
+    calm = defend(model, train, val, "fine-tune", finetune=TrainConfig(epochs=1, lr=1e-4, batch_size=32))
+    assert abs(calm.before.clean_acc - calm.after.clean_acc) <= 0.04 and calm.warnings == []
+    assert Pruning(model, threshold=4.0).fit(val).warnings == []  # no fine-tuning, nothing to flag

@@ -47,6 +47,7 @@ class DefenseResult:
     finetune: TrainHistory | None = None
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def pruned_fraction(self) -> float:
@@ -127,9 +128,18 @@ class _Defense:
     def _result(self, model: nn.Module, before: Metrics, val: TensorDataset,
                 triggered: TriggeredSet | None, t0: float, **kw) -> DefenseResult:
         after = evaluate(model, val, triggered, self.device)
+        warnings = []
+        lost = 100 * (before.clean_acc - after.clean_acc)
+        if kw.get("finetune") is not None and lost > max(self.threshold, 2.0):
+            # Fine-tuning should recover accuracy; losing more than pruning may is a symptom of a
+            # learning rate too high for this model (seen: lr 0.05 on the face network).
+            warnings.append(f"validation accuracy fell {lost:.1f} points ({100 * before.clean_acc:.1f}% -> "
+                            f"{100 * after.clean_acc:.1f}%) although fine-tuning kept its best epoch; the "
+                            f"fine-tuning learning rate ({self.finetune_cfg.lr:g}) may be too high for this "
+                            "model: try a lower --lr")
         return DefenseResult(method=self.method, model=model, before=before, after=after,
                              threshold=self.threshold if self.method != "fine-tune" else None,
-                             seconds=time.perf_counter() - t0, **kw)
+                             seconds=time.perf_counter() - t0, warnings=warnings, **kw)
 
 
 class Pruning(_Defense):

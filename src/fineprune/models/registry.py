@@ -18,6 +18,12 @@ def face_deepid(num_classes: int = 38, in_channels: int = 1) -> DeepIDFace:
     return DeepIDFace(num_classes=num_classes, in_channels=in_channels)
 
 
+@register_arch("face-deepid-bn")
+def face_deepid_bn(num_classes: int = 38, in_channels: int = 1) -> DeepIDFace:
+    """face-deepid with BatchNorm after every conv (earlier fineprune versions' face model)."""
+    return DeepIDFace(num_classes=num_classes, in_channels=in_channels, batchnorm=True)
+
+
 @register_arch("speech-alexnet")
 def speech_alexnet(num_classes: int = 10, in_channels: int = 1) -> SpeechAlexNet:
     """AlexNet-style CNN reading 8 kHz waveforms through a log spectrogram."""

@@ -146,6 +146,9 @@ def defend_files(job: DefendJob, *, progress: bool = False,
                     else Path(job.out).expanduser() / SWEEP_CHECKPOINT_NAME)
     timings.update(result.timings)
     timings["defense"] = result.seconds
+    for w in result.warnings:
+        say(f"warning: {w}")
+    warnings += result.warnings
 
     compact = None
     if job.compact and result.method != "fine-tune":

@@ -127,6 +127,13 @@ class TaskSetup:
         return self.task.build_model().to(self.device)
 
 
+def arch_signature(model: nn.Module) -> str:
+    """Digest of a network's parameter and buffer names and shapes: a stored model is reused only
+    by the architecture that made it, even if a built-in name changes meaning between versions."""
+    sig = [(k, list(v.shape)) for k, v in model.state_dict().items()]
+    return hashlib.sha256(json.dumps(sig).encode()).hexdigest()[:16]
+
+
 def load_task_data(task: TaskSpec, data_root: str, seed: int, subsample: float = 1.0) -> TaskData:
     """The task's splits, shrunk to `subsample` (seeded)."""
     return shrink(task.load(data_root, seed=seed), subsample, seed)
@@ -152,7 +159,8 @@ def prepare_task(task: TaskSpec, data: TaskData, *, data_root: str, seed: int, s
     trig_test = attack.triggered(data.test)
     trig_val = attack.triggered(defender_val)  # measured along the sweep only; never chooses
     base = {"task": task.name, "seed": seed, "subsample": subsample, "train": train_cfg.to_dict(),
-            "arch": task.arch, "data_root": str(Path(data_root).resolve())}
+            "arch": task.arch, "arch_signature": arch_signature(task.build_model(data.num_classes)),
+            "data_root": str(Path(data_root).resolve())}
     return TaskSetup(task=task, data=data, attack=attack, train_cfg=train_cfg, ft_cfg=ft_cfg,
                      defender_train=defender_train, defender_val=defender_val, attacker_val=attacker_val,
                      trig_test=trig_test, trig_val=trig_val, base=base, seed=seed,
