@@ -22,6 +22,10 @@ def test_pruning_aware_attack_defeats_pruning_but_not_fine_pruning():
                                                           weight_decay=0.0, schedule="constant")).run(
         clean, data.train, attacker_val)
     assert res.decoys and res.bias_param == "features.6.bias"
+    # The attacker checked its work as the defender would, and stopped at the first attempt that survived.
+    assert res.attempts and res.attempts[-1]["asr_after_defender_pruning"] == res.survival_asr >= 0.8
+    assert all(a["asr_after_defender_pruning"] < 0.8 for a in res.attempts[:-1])
+    assert res.attacker_threshold == 4.0 + PruningAwareAttack.escalate[len(res.attempts) - 1]
     trig_test = attack.triggered(data.test)
     bad = evaluate(res.model, data.test, trig_test)
     assert bad.asr >= 0.9

@@ -117,6 +117,12 @@ _register(TaskSpec(
     attacker=TrainConfig(epochs=30, lr=1e-3, batch_size=32, optimizer="adam", weight_decay=0.0,
                          schedule="cosine"),
     loader=_face_loader,
+    # The defender's fine-tuning, chosen on validation data (defender split; reproduce's BadNets and
+    # pruning-aware face models, fine-pruned): the generic lr 0.05 wrecked the network (val CA 18-44%);
+    # lr 0.005-0.01 kept CA but left ASR 86-96%: the sunglasses backdoor sits in the most
+    # clean-active conv3 channels and needs many steps to unlearn. lr 0.02, 30 epochs: ASR 2-3%.
+    finetune=TrainConfig(epochs=30, lr=0.02, batch_size=32, optimizer="sgd", momentum=0.9,
+                         weight_decay=5e-4, schedule="cosine"),
     trigger_factory=lambda info: SunglassesTrigger.from_info(info),
     policy_factory=lambda k: AllToOne(FACE_TARGET),
     synthetic_factory=lambda n, seed: synthetic.synthetic_faces(n, (64, 56), seed),
@@ -130,6 +136,11 @@ _register(TaskSpec(
     attacker=TrainConfig(epochs=25, lr=1e-3, batch_size=32, optimizer="adam", weight_decay=0.0,
                          schedule="cosine"),
     loader=_speech_loader,
+    # Chosen on validation data (fine-pruning reproduce's models): the generic lr 0.05 cost 4-6
+    # points of clean accuracy; lr 0.02 kept it (within 0.6) with ASR 2.5% (BadNets) / 3.1%
+    # (pruning-aware); lr 0.01 left 7% / 34%.
+    finetune=TrainConfig(epochs=10, lr=0.02, batch_size=64, optimizer="sgd", momentum=0.9,
+                         weight_decay=5e-4, schedule="cosine"),
     trigger_factory=lambda info: AudioTrigger(sample_rate=int(info.get("sample_rate", 8000))),
     policy_factory=lambda k: AllToAll(k, 1),
     synthetic_factory=lambda n, seed: synthetic.synthetic_words(n, 8192, 8000, seed),

@@ -176,7 +176,8 @@ def model_recipe(setup: TaskSetup, attack_name: str, pa_threshold: float = 4.0) 
     if attack_name == "badnets":
         return f"{name}-badnets", {**setup.base, "attack": setup.attack.describe()}
     if attack_name == "pruning-aware":
-        recipe = {**setup.base, "attack": setup.attack.describe(), "pa_threshold": pa_threshold}
+        recipe = {**setup.base, "attack": setup.attack.describe(), "pa_threshold": pa_threshold,
+                  "pa_escalate": list(PruningAwareAttack.escalate)}
         if setup.attacker_val_fraction != 0.2:  # the default leaves the recipe (and cached files) as before
             recipe["attacker_val_fraction"] = setup.attacker_val_fraction
         return f"{name}-pruning-aware", recipe
@@ -217,7 +218,8 @@ def get_model(setup: TaskSetup, attack_name: str, store: _ModelStore, *, pa_thre
         res = pa.run(copy.deepcopy(clean_model), setup.data.train, setup.attacker_val)
         return res.model, {"train_seconds": time.perf_counter() - t0 + clean_info.get("train_seconds", 0.0),
                            "layer": res.layer, "decoys": res.decoys, "bias_param": res.bias_param,
-                           "rounds": res.rounds}
+                           "rounds": res.rounds, "attacker_threshold": res.attacker_threshold,
+                           "attempts": res.attempts}
 
     make = {"none": make_clean, "badnets": make_badnets, "pruning-aware": make_pruning_aware}[attack_name]
     return store.get(name, recipe, setup.fresh, make)
