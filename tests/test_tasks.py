@@ -214,3 +214,24 @@ def test_short_training_plants_backdoor(shared_data, tmp_path, task, frac, eval_
     assert saved["architecture"]["name"] == spec.arch
     assert set(saved["metrics"]["test"]) == {"clean_acc", "asr", "robust_acc"}
     assert len(saved["history"]) == epochs and weights.stat().st_size > 10_000
+
+
+def test_grouped_holdout_keeps_groups_whole_and_shrink_keeps_groups_aligned():
+    from fineprune.data.splits import holdout
+    from fineprune.data.types import TaskData, make_dataset
+
+    g = torch.Generator().manual_seed(0)
+    groups = torch.arange(60).repeat_interleave(5)  # 60 "tracks" of 5 near-identical frames
+    y = groups % 3
+    x = groups.float().view(-1, 1, 1, 1) + 0.01 * torch.rand(300, 1, 1, 1, generator=g)
+    fit, held = holdout(make_dataset(x, y), 0.3, seed=1, groups=groups)
+    side = lambda ds: set(ds.tensors[0].floor().long().flatten().tolist())  # noqa: E731  (x encodes the group)
+    assert side(fit).isdisjoint(side(held)) and len(side(fit) | side(held)) == 60
+    assert len(held) == 5 * len(side(held)) and 0.2 < len(held) / 300 < 0.4
+    _, plain = holdout(make_dataset(x, y), 0.3, seed=1)
+    assert len(side(plain) & side(_)) > 0  # without groups, tracks straddle: the reason for groups
+
+    data = TaskData(name="t", train=make_dataset(x, y), val=make_dataset(x, y), test=make_dataset(x, y),
+                    num_classes=3, val_groups=groups)
+    small = shrink(data, 0.5, seed=0)
+    assert torch.equal(small.val.tensors[0].floor().long().flatten(), small.val_groups)

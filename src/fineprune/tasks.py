@@ -177,18 +177,26 @@ def shrink(data: TaskData, fraction: float, seed: int = 0, eval_fraction: float 
 
     `fraction` applies to train, `eval_fraction` (default: the same) to val and test.
     """
-    def part(ds, f):
-        if f >= 1.0:
+    def keep(ds, f):
+        return None if f >= 1.0 else stratified_split(tensors(ds)[1], (f, 1.0 - f), seed)[0]
+
+    def part(ds, idx):
+        if idx is None:
             return ds
         x, y = tensors(ds)
-        keep, _ = stratified_split(y, (f, 1.0 - f), seed)
-        return make_dataset(x[keep], y[keep])
+        return make_dataset(x[idx], y[idx])
 
     ef = fraction if eval_fraction is None else eval_fraction
-    return TaskData(name=data.name, train=part(data.train, fraction), val=part(data.val, ef),
-                    test=part(data.test, ef), num_classes=data.num_classes,
-                    class_names=list(data.class_names), input_kind=data.input_kind,
-                    info={**data.info, "shrunk": {"train": fraction, "eval": ef, "seed": seed}})
+    val_idx = keep(data.val, ef)
+    groups = data.val_groups
+    if groups is not None and val_idx is not None:
+        groups = groups[val_idx]
+    return TaskData(name=data.name, train=part(data.train, keep(data.train, fraction)),
+                    val=part(data.val, val_idx), test=part(data.test, keep(data.test, ef)),
+                    num_classes=data.num_classes, class_names=list(data.class_names),
+                    input_kind=data.input_kind,
+                    info={**data.info, "shrunk": {"train": fraction, "eval": ef, "seed": seed}},
+                    val_groups=groups)
 
 
 def _mnist_loader(root, seed=0, **kw):

@@ -48,10 +48,17 @@ def group_split(
     return out
 
 
-def holdout(data: "TensorDataset", fraction: float = 0.2, seed: int = 0) -> tuple["TensorDataset", "TensorDataset"]:
-    """Split one clean set into (fine-tuning part, held-out validation part), stratified and seeded."""
+def holdout(data: "TensorDataset", fraction: float = 0.2, seed: int = 0,
+            groups: torch.Tensor | None = None) -> tuple["TensorDataset", "TensorDataset"]:
+    """Split one clean set into (fine-tuning part, held-out validation part), stratified and seeded;
+    by group when `groups` is given (near-duplicates stay on one side, or the held-out part cannot
+    see over-fitting: on GTSRB tracks a random hold-out read 99.7-99.8% after fine-tuning at
+    every learning rate tried, while at lr 0.05 the test split lost 4 points)."""
     from .types import make_dataset, tensors
 
     x, y = tensors(data)
-    rest, held = stratified_split(y, (1.0 - fraction, fraction), seed)
+    if groups is not None:
+        rest, held = group_split(groups, y, (1.0 - fraction, fraction), seed)
+    else:
+        rest, held = stratified_split(y, (1.0 - fraction, fraction), seed)
     return make_dataset(x[rest], y[rest]), make_dataset(x[held], y[held])

@@ -159,6 +159,7 @@ def load_traffic(
     train_idx, val_idx = group_split(groups, y_all, (1.0 - val_fraction, val_fraction), seed)
     train = make_dataset(_to_float(x_all[train_idx]), y_all[train_idx])
     val = make_dataset(_to_float(x_all[val_idx]), y_all[val_idx])
+    val_groups = groups[val_idx]
     y_test = torch.from_numpy(arrays["y_test"]).long()
     test = make_dataset(_to_float(_channels_first(arrays["x_test"])), y_test)
     seconds = time.perf_counter() - t0
@@ -183,4 +184,5 @@ def load_traffic(
         class_names=[f"{c:05d}" for c in range(num_classes)],
         input_kind="image",
         info=info,
+        val_groups=val_groups,
     )

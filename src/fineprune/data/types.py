@@ -34,3 +34,6 @@ class TaskData:
     class_names: list[str] = field(default_factory=list)
     input_kind: str = "image"  # "image" (N,C,H,W in [0,1]) or "audio" (N,1,L waveform in [-1,1])
     info: dict = field(default_factory=dict)
+    # Group id per val sample (GTSRB: the track, ~30 near-identical frames of one sign), so the
+    # defender's own hold-out never puts near-duplicates on both sides; None: samples independent.
+    val_groups: torch.Tensor | None = None

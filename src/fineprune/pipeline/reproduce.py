@@ -154,7 +154,7 @@ def prepare_task(task: TaskSpec, data: TaskData, *, data_root: str, seed: int, s
     if finetune_epochs is not None:
         ft_cfg = TrainConfig(**{**ft_cfg.to_dict(), "epochs": finetune_epochs})
 
-    defender_train, defender_val = holdout(data.val, defender_val_fraction, seed)
+    defender_train, defender_val = holdout(data.val, defender_val_fraction, seed, groups=data.val_groups)
     _, attacker_val = holdout(data.train, attacker_val_fraction, seed + 1)
     trig_test = attack.triggered(data.test)
     trig_val = attack.triggered(defender_val)  # measured along the sweep only; never chooses
