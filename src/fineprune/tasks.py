@@ -154,6 +154,11 @@ _register(TaskSpec(
     attacker=TrainConfig(epochs=8, lr=1e-3, batch_size=64, optimizer="adam", weight_decay=0.0,
                          schedule="cosine"),
     loader=_traffic_loader,
+    # Chosen on validation data held out by track (fine-pruning reproduce's models): the generic
+    # lr 0.05 lost 9.5 points of clean accuracy, lr 0.02 4.7 (BadNets); lr 0.01 lost 1.4 / 0.4
+    # (BadNets / pruning-aware) with ASR 0% / 3.3%.
+    finetune=TrainConfig(epochs=10, lr=0.01, batch_size=64, optimizer="sgd", momentum=0.9,
+                         weight_decay=5e-4, schedule="cosine"),
     trigger_factory=lambda info: StickerTrigger(),
     policy_factory=lambda k: SourceSpecific((14,), 1),
     synthetic_factory=lambda n, seed: synthetic.synthetic_signs(n, 32, seed),
