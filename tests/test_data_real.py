@@ -238,9 +238,25 @@ def test_traffic_split_by_track(traffic) -> None:
         return {track_of[h] for h in _row_hashes(u8)}
 
     assert tracks(traffic.train) == train_tracks and tracks(traffic.val) == val_tracks
+    # val_groups names each val sample's own track (the defender's hold-out keeps tracks whole).
+    u8 = (traffic.val.tensors[0] * 255).round().to(torch.uint8)
+    assert traffic.val_groups.tolist() == [track_of[h] for h in _row_hashes(u8)]
     _assert_partition(traffic, 39209 + 12630, shared_with_test=8)
     assert len(traffic.info["test_duplicates_of_train"]) == 8
     _assert_stratified(traffic)
+
+
+def test_defend_task_traffic_holds_out_whole_tracks(traffic) -> None:
+    from fineprune.data.splits import holdout
+    from fineprune.pipeline.inputs import Preprocessing, TaskSource, load_input
+
+    clean = load_input("task:traffic", Preprocessing(), "clean", TaskSource(str(_need("traffic_gtsrb32.tar.xz")), 0))
+    assert torch.equal(clean.groups, traffic.val_groups)
+    fit, held = holdout(clean.dataset, 0.2, 0, groups=clean.groups)
+    track = {h: g for h, g in zip(_row_hashes((clean.dataset.tensors[0] * 255).round().to(torch.uint8)),
+                                 clean.groups.tolist())}
+    side = lambda ds: {track[h] for h in _row_hashes((ds.tensors[0] * 255).round().to(torch.uint8))}  # noqa: E731
+    assert side(fit).isdisjoint(side(held))
 
 
 def test_traffic_determinism_and_cache_hit(traffic, cache_dir, monkeypatch) -> None:

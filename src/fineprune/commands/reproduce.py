@@ -21,6 +21,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help="override the attacker's training epochs")
     p.add_argument("--finetune-epochs", type=int, default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--no-timings", dest="timings", action="store_false",
+                   help="write null for every wall-clock `seconds` field, so two runs with the same seed "
+                        "give byte-identical results.json")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -43,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     cfg = ReproduceConfig(tasks=tasks, data_root=args.data_root, out=args.out, seed=args.seed,
                           threshold=args.threshold, subsample=args.subsample, epochs=args.epochs,
-                          finetune_epochs=args.finetune_epochs, device=args.device, progress=not args.quiet)
+                          finetune_epochs=args.finetune_epochs, device=args.device, progress=not args.quiet,
+                          timings=args.timings)
     run_reproduce(cfg)
     out = Path(args.out)
     print((out / "table.md").read_text())

@@ -66,9 +66,10 @@ def _split(job: DefendJob, clean: DataInput, val: DataInput | None) -> tuple[obj
         desc = f"all {n} samples validate (pruning needs no fine-tuning data)"
     else:
         frac = job.val_fraction
-        train_ds, val_ds = holdout(clean.dataset, frac, job.seed)
+        train_ds, val_ds = holdout(clean.dataset, frac, job.seed, groups=clean.groups)
         desc = (f"{n} samples: {len(train_ds)} fine-tune, {len(val_ds)} validate "
-                f"(seeded stratified {100 * frac:.0f}% hold-out, seed {job.seed})")
+                f"(seeded stratified {100 * frac:.0f}% hold-out{' by group' if clean.groups is not None else ''}, "
+                f"seed {job.seed})")
     if len(val_ds) == 0 or (train_ds is not None and len(train_ds) == 0):
         raise BadInputError(f"{clean.source}: too few samples ({n}) to hold out a validation part; "
                             "give more clean data or a separate --val set")

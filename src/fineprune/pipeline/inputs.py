@@ -72,6 +72,7 @@ class DataInput:
     sha256: str | None
     from_folder: bool = False
     info: dict = field(default_factory=dict)
+    groups: torch.Tensor | None = None  # near-duplicate groups (task:traffic tracks): hold out whole groups
 
     def describe(self) -> dict:
         x, y = tensors(self.dataset)
@@ -99,10 +100,10 @@ class TaskSource:
             self._loaded[name] = (spec, spec.load(self.data_root, seed=self.seed))
         return self._loaded[name]
 
-    def clean(self, name: str) -> tuple[TensorDataset, list[str], dict]:
+    def clean(self, name: str) -> tuple[TensorDataset, list[str], dict, torch.Tensor | None]:
         _, data = self.get(name)
         info = {"task": name, "split": "val", "seed": self.seed}
-        return data.val, list(data.class_names) or [str(i) for i in range(data.num_classes)], info
+        return data.val, list(data.class_names) or [str(i) for i in range(data.num_classes)], info, data.val_groups
 
     def triggered(self, name: str) -> tuple[TriggeredSet, dict]:
         spec, data = self.get(name)
@@ -115,7 +116,7 @@ def load_input(spec: str | Path, prep: Preprocessing, role: str, tasks: TaskSour
     """Load `spec` (an .npz, an image or wav folder, or `task:NAME`) and preprocess it."""
     text = str(spec)
     if text.startswith(TASK_PREFIX):
-        ds, names, info = tasks.clean(text[len(TASK_PREFIX):])
+        ds, names, info, groups = tasks.clean(text[len(TASK_PREFIX):])
         sha, folder = None, False
     else:
         path = Path(text).expanduser()
@@ -126,13 +127,13 @@ def load_input(spec: str | Path, prep: Preprocessing, role: str, tasks: TaskSour
             ds, names = load_data(path, **opts)
         except BadInputError as exc:
             raise BadInputError(f"{role} data: {exc}") from None
-        sha, folder, info = sha256_path(path), path.is_dir(), {}
+        sha, folder, info, groups = sha256_path(path), path.is_dir(), {}, None
         skipped = getattr(ds, "skipped", 0)
         if skipped:
             info["skipped_unreadable_files"] = int(skipped)
     x, y = tensors(ds)
     x = prep.apply(x, f"{role} data {text}")
-    return DataInput(make_dataset(x, y), list(names), text, sha, folder, info)
+    return DataInput(make_dataset(x, y), list(names), text, sha, folder, info, groups)
 
 
 def relabel_by_name(data: DataInput, classes: list[str]) -> DataInput:

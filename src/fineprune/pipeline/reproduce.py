@@ -62,6 +62,7 @@ class ReproduceConfig:
     finetune_epochs: int | None = None
     device: str | None = None
     progress: bool = True
+    timings: bool = True  # False: `seconds` fields are null, so two runs' results.json are byte-identical
     extra: dict = field(default_factory=dict)
 
 
@@ -306,4 +307,6 @@ def _run_task(task, cfg: ReproduceConfig, out: Path) -> tuple[list[dict], dict]:
             asr = "-" if row["asr"] is None else f"{100 * row['asr']:.1f}%"
             _log(cfg, f"  {task.name:<8} {attack_name:<14} {defense:<13} CA {100 * row['clean_acc']:.1f}%  "
                       f"ASR {asr}  pruned {100 * row['pruned_fraction']:.0f}%  ({row['seconds']:.1f}s)")
+            if not cfg.timings:  # wall-clock is the one field two runs cannot share
+                row.update({k: None for k in row if "seconds" in k})
     return rows, curves

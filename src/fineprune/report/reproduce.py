@@ -119,7 +119,8 @@ def write_reproduce_outputs(out: Path, rows: list[dict], curves: dict[tuple[str,
         table_rows.append(
             "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
                 r["task"], r["attack"], r["defense"], _pct(r["clean_acc"]), _pct(r["asr"]),
-                _pct(r["robust_acc"]), f"{100 * r['pruned_fraction']:.0f}%", f"{r['seconds']:.1f}")) + "</tr>")
+                _pct(r["robust_acc"]), f"{100 * r['pruned_fraction']:.0f}%",
+                "-" if r["seconds"] is None else f"{r['seconds']:.1f}")) + "</tr>")
     md_html = html.escape(md)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fineprune reproduce</title>
 <style>body{{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;color:#222;padding:0 1em}}
