@@ -103,3 +103,26 @@ def test_sigkill_mid_training_then_rerun(reference, tmp_path):
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (reference, out))
     assert _strip(ra) == _strip(rb)
     assert not list((out / "models").glob("*.ckpt*"))
+
+
+def test_a_row_does_not_depend_on_what_ran_before_it():
+    """Models reused from an earlier run must give the rows a fresh run gives: the defense seeds
+    its own random draws (dropout) instead of inheriting the process's RNG state."""
+    import torch
+
+    from torch import nn
+
+    from fineprune.pipeline.reproduce import defend_one, load_task_data, prepare_task
+    from fineprune.tasks import get_task
+
+    task = get_task("mnist")
+    data = load_task_data(task, "", 0, 0.1)
+    setup = prepare_task(task, data, data_root=".", seed=0, subsample=0.1, finetune_epochs=1, device="cpu")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5), nn.Linear(4 * 26 * 26, 10))
+    rows = []
+    for burn in (0, 1000):
+        torch.rand(burn)  # as if a model had just been trained in this process
+        row, _ = defend_one(setup, "badnets", model, {}, "fine-tuning", 4.0)
+        rows.append({k: v for k, v in row.items() if "seconds" not in k})
+    assert rows[0] == rows[1]

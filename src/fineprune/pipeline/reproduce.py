@@ -212,6 +212,7 @@ def get_model(setup: TaskSetup, attack_name: str, store: _ModelStore, *, pa_thre
             raise ValueError("the pruning-aware attack needs the clean model (pass clean=)")
         t0 = time.perf_counter()
         clean_model, clean_info = clean()
+        seed_everything(seed)  # dropout draws: the same whether the clean model was trained or loaded
         # The attacker backdoors the pruned clean net with half its usual training per round.
         backdoor_cfg = TrainConfig(**{**train_cfg.to_dict(), "epochs": max(1, train_cfg.epochs // 2)})
         pa = PruningAwareAttack(setup.attack, threshold=pa_threshold, backdoor=backdoor_cfg, seed=seed,
@@ -232,6 +233,9 @@ def defend_one(setup: TaskSetup, attack_name: str, model: nn.Module, info: dict,
     one results row (task, attack, defense, clean_acc, asr, robust_acc, pruned_fraction, seconds, ...)."""
     if defense not in DEFENSES:
         raise ValueError(f"defense must be one of {', '.join(DEFENSES)}, not {defense!r}")
+    # Fine-tuning's dropout draws from the global RNG: seed it here, so a row does not depend on
+    # what ran before it (models trained in this process, or loaded from an earlier run).
+    seed_everything(setup.seed)
     t0 = time.perf_counter()
     if defense == "none":
         repaired, pruned_fraction, res = model, 0.0, None
