@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -77,23 +75,10 @@ def test_table_figures_and_report(reference):
     assert left == []
 
 
-def test_sigkill_mid_training_then_rerun(reference, tmp_path):
+def test_sigkill_mid_training_then_rerun(reference, tmp_path, sigkill_when):
     out = tmp_path / "out"
-    victim = subprocess.Popen(_cmd(out, epochs=3), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        ckpts: list[Path] = []
-        while not ckpts and victim.poll() is None and time.monotonic() < deadline:
-            ckpts = list((out / "models").glob("*.ckpt")) if (out / "models").is_dir() else []
-            time.sleep(0.005)
-        assert victim.poll() is None, "the run ended before it could be killed"
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(timeout=60)
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait()
-    assert victim.returncode == -signal.SIGKILL
+    models = out / "models"
+    sigkill_when(_cmd(out, epochs=3), lambda: models.is_dir() and any(models.glob("*.ckpt")), ENV)
     # Nothing that looks complete: no results, and the model in training has no weights file yet.
     assert not (out / "results.json").exists() and not (out / "report.html").exists()
     assert not list((out / "models").glob("*.json"))

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +102,7 @@ def _defend_cmd(ws: Path, out: Path, *extra: str) -> list[str]:
             "--out", str(out), "--quiet", *extra]
 
 
-def test_sigkill_mid_finetuning_then_resume(tmp_path):
+def test_sigkill_mid_finetuning_then_resume(tmp_path, sigkill_when):
     torch.manual_seed(0)
     save_file(SmallCNN().state_dict(), tmp_path / "m.safetensors")
     rng = np.random.default_rng(0)
@@ -117,20 +115,7 @@ def test_sigkill_mid_finetuning_then_resume(tmp_path):
     assert not (ref / CHECKPOINT_NAME).exists()  # removed once the run completed
 
     out = tmp_path / "out"
-    victim = subprocess.Popen(_defend_cmd(tmp_path, out), env=ENV, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while not (out / CHECKPOINT_NAME).exists() and victim.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert victim.poll() is None, "the run ended before it could be killed"
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(timeout=60)
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait()
-    assert victim.returncode == -signal.SIGKILL
+    sigkill_when(_defend_cmd(tmp_path, out), lambda: (out / CHECKPOINT_NAME).exists(), ENV, timeout=240)
     epoch = torch.load(out / CHECKPOINT_NAME, weights_only=True)["epoch"]
     assert 1 <= epoch < 8
     # Nothing that looks like a finished result is left behind.
@@ -171,7 +156,7 @@ def _train_cmd(out: Path, *extra: str) -> list[str]:
             "--threads", "1", "--out", str(out), "--quiet", *extra]
 
 
-def test_sigkill_mid_training_then_resume(tmp_path):
+def test_sigkill_mid_training_then_resume(tmp_path, sigkill_when):
     from fineprune.commands.train import TRAIN_CHECKPOINT
 
     ref = tmp_path / "ref"
@@ -180,19 +165,7 @@ def test_sigkill_mid_training_then_resume(tmp_path):
     assert not (ref / TRAIN_CHECKPOINT).exists()
 
     out = tmp_path / "out"
-    victim = subprocess.Popen(_train_cmd(out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while not (out / TRAIN_CHECKPOINT).exists() and victim.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert victim.poll() is None, "the run ended before it could be killed"
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(timeout=60)
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait()
-    assert victim.returncode == -signal.SIGKILL
+    sigkill_when(_train_cmd(out), lambda: (out / TRAIN_CHECKPOINT).exists(), ENV, timeout=240)
     assert 1 <= torch.load(out / TRAIN_CHECKPOINT, weights_only=True)["epoch"] < 4
     assert not (out / "model.json").exists() and not (out / "model.safetensors").exists()
 

@@ -80,3 +80,26 @@ def run_digest(settings: dict, tensors: Iterable[torch.Tensor]) -> str:
         h.update(str((t.dtype, tuple(t.shape))).encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def save_checkpoint(path: str | os.PathLike[str], key: str, state: dict) -> None:
+    """Write `state` (plain data and tensors) with its run `key`, atomically."""
+    with atomic_path(path) as tmp:
+        torch.save({**state, "key": key}, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike[str], key: str, what: str = "checkpoint") -> dict:
+    """A checkpoint written by `save_checkpoint` for the run `key` (`run_digest`), read with
+    `weights_only=True`. A damaged file or one of another run is refused, never guessed at."""
+    from .errors import BadInputError
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        ok = isinstance(state, dict) and state.get("key") == key
+    except Exception as exc:  # a torn or foreign file
+        raise BadInputError(f"cannot resume from {path} ({type(exc).__name__}); delete it or run "
+                            "without --resume") from None
+    if not ok:
+        raise BadInputError(f"{path} is a {what} of a different run (other data, settings or model); "
+                            "delete it or run without --resume")
+    return state

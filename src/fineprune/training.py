@@ -14,8 +14,7 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from .data.types import tensors
-from .errors import BadInputError
-from .runtime import atomic_path, run_digest
+from .runtime import load_checkpoint, run_digest, save_checkpoint
 
 
 @dataclass
@@ -106,27 +105,18 @@ def _save_checkpoint(path: Path, key: str, epoch: int, model: nn.Module, opt: to
     records = torch.tensor([[float("nan") if getattr(r, f) is None else float(getattr(r, f))
                              for f in _RECORD_FIELDS] for r in hist.epochs], dtype=torch.float64)
     state = {
-        "key": key, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+        "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict() if sched is not None else {}, "generator": gen.get_state(),
         "torch_rng": torch.get_rng_state(), "records": records,
         "best_score": best_score, "best_epoch": hist.best_epoch, "best_state": best_state or {},
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_checkpoint(path, key, state)
 
 
 def _load_checkpoint(path: Path, key: str, model: nn.Module, opt: torch.optim.Optimizer, sched,
                      gen: torch.Generator, hist: TrainHistory) -> tuple[int, float | None, dict | None]:
     """Restore everything `_save_checkpoint` wrote (plain data and tensors only: weights_only)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        ok = isinstance(state, dict) and state.get("key") == key
-    except Exception as exc:  # a torn or foreign file: say so rather than guess
-        raise BadInputError(f"cannot resume from {path} ({type(exc).__name__}); delete it or run "
-                            "without --resume") from None
-    if not ok:
-        raise BadInputError(f"{path} is a checkpoint of a different run (other data, settings or model); "
-                            "delete it or run without --resume")
+    state = load_checkpoint(path, key)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     if sched is not None:

@@ -20,8 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import BadInputError
-from ..runtime import atomic_path, run_digest
+from ..runtime import load_checkpoint, run_digest, save_checkpoint
 from .counting import Counter
 from .cut import NetworkCut, cut_at
 from .head_plan import HeadPlan, plan_head
@@ -181,26 +180,16 @@ class _SweepCheckpoint:
 
     def save(self, sets: list[_Data], counters: list[Counter], means: torch.Tensor, order: torch.Tensor) -> None:
         state = {
-            "key": self.key, "means": means, "order": order,
+            "means": means, "order": order,
             "done": [d.done for d in sets],
             "sums": [torch.stack(d.sums).sum(0).cpu() if d.sums else torch.empty(0) for d in sets],
             "counts": [[c.cpu() for c in k.counts] for k in counters],
             "tallies": [[k.recomputed, k.evaluated, k.fast_samples] for k in counters],
         }
-        with atomic_path(self.path) as tmp:
-            torch.save(state, tmp)
+        save_checkpoint(self.path, self.key, state)
 
     def load(self) -> dict:
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-            ok = isinstance(state, dict) and state.get("key") == self.key
-        except Exception as exc:  # a foreign or damaged file: say so rather than guess
-            raise BadInputError(f"cannot resume the sweep from {self.path} ({type(exc).__name__}); "
-                                "delete it or run without --resume") from None
-        if not ok:
-            raise BadInputError(f"{self.path} is a sweep checkpoint of a different run (other model, data or "
-                                "settings); delete it or run without --resume")
-        return state
+        return load_checkpoint(self.path, self.key, "sweep checkpoint")
 
     @staticmethod
     def restore(state: dict, sets: list[_Data], counters: list[Counter], device: torch.device) -> None:
