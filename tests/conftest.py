@@ -16,6 +16,15 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (its tiny models run far faster so on 2 shared cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def sigkill_when():
     """`sigkill_when(cmd, ready, env)`: start `cmd`, SIGKILL it as soon as `ready()` is true (polled

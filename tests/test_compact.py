@@ -10,13 +10,8 @@ from fineprune.defense.mask import set_pruned
 from fineprune.models.small import SmallCNN
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core machine run far faster on one thread.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny models on a shared 2-core machine run far faster on one thread.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_bn_stats(model: torch.nn.Module) -> None:

@@ -23,12 +23,8 @@ from fineprune.training import TrainConfig, train
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny models on a shared 2-core machine run far faster on one thread.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_data(n: int = 64, seed: int = 0) -> TensorDataset:
