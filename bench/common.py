@@ -165,7 +165,10 @@ def trained_model(name: str, data, epochs: float, seed: int = 0, max_train: int 
     if max_train is not None and x.shape[0] > max_train:
         idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:max_train]
         x, y = x[idx], y[idx]
-    key = hashlib.sha256(f"{name}|{data.name}|{x.shape}|{int(y.sum())}|{epochs}|{seed}".encode()).hexdigest()[:16]
+    from fineprune.pipeline.reproduce import arch_signature
+
+    sig = arch_signature(model)  # a changed architecture never loads stale weights
+    key = hashlib.sha256(f"{name}|{sig}|{data.name}|{x.shape}|{int(y.sum())}|{epochs}|{seed}".encode()).hexdigest()[:16]
     path = Path.home() / ".cache" / "fineprune" / "bench" / f"{name}-{key}.pt"
     if path.is_file():
         model.load_state_dict(torch.load(path, weights_only=True))
