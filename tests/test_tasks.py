@@ -235,3 +235,15 @@ def test_grouped_holdout_keeps_groups_whole_and_shrink_keeps_groups_aligned():
                     num_classes=3, val_groups=groups)
     small = shrink(data, 0.5, seed=0)
     assert torch.equal(small.val.tensors[0].floor().long().flatten(), small.val_groups)
+
+
+def test_defend_on_task_data_uses_the_tasks_fine_tuning():
+    from fineprune.defense.api import DEFAULT_FINETUNE
+    from fineprune.pipeline.job import DefendJob
+
+    job = DefendJob(model="m.safetensors", arch="traffic-vgg", data="task:traffic", out="o")
+    assert job.finetune_config() == get_task("traffic").finetune != DEFAULT_FINETUNE
+    job.lr = 0.003  # a flag still wins
+    assert job.finetune_config().lr == 0.003 and job.finetune_config().epochs == get_task("traffic").finetune.epochs
+    assert DefendJob(model="m", arch="a", data="clean.npz", out="o").finetune_config() == DEFAULT_FINETUNE
+    assert DefendJob(model="m", arch="a", data="task:mnist", out="o").finetune_config() == DEFAULT_FINETUNE

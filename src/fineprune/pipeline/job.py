@@ -118,10 +118,19 @@ class DefendJob:
             raise BadInputError(f"--std values must be positive, got {self.std}")
 
     def finetune_config(self) -> TrainConfig:
-        """The default fine-tuning recipe with this job's overrides."""
+        """The fine-tuning recipe with this job's overrides: the generic default, or a built-in
+        task's own (chosen on its validation data) when the clean data is `task:NAME`."""
+        base = DEFAULT_FINETUNE
+        text = str(self.data)
+        if text.startswith("task:"):
+            from ..tasks import TASKS
+
+            spec = TASKS.get(text[len("task:"):].strip().lower())
+            if spec is not None and spec.finetune is not None:
+                base = spec.finetune
         overrides = {k: getattr(self, k) for k in ("epochs", "lr", "batch_size", "optimizer")
                      if getattr(self, k) is not None}
-        return dataclasses.replace(DEFAULT_FINETUNE, **overrides)
+        return dataclasses.replace(base, **overrides)
 
     def command_line(self) -> str:
         """An equivalent `fineprune defend` command (every effective option spelled out)."""
