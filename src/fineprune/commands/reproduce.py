@@ -51,6 +51,6 @@ def run(args: argparse.Namespace) -> int:
     run_reproduce(cfg)
     out = Path(args.out)
     print((out / "table.md").read_text())
-    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'report.html'} "
+    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'channels.json'}, {out / 'report.html'} "
           f"in {time.perf_counter() - t0:.0f}s")
     return 0
