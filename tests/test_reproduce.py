@@ -19,7 +19,8 @@ FIELDS = ("task", "attack", "defense", "clean_acc", "asr", "robust_acc", "pruned
 
 def _cmd(out: Path, epochs: int = 1) -> list[str]:
     return [sys.executable, "-m", "fineprune.cli", "reproduce", "--task", "mnist", "--subsample", "0.15",
-            "--epochs", str(epochs), "--finetune-epochs", "1", "--device", "cpu", "--out", str(out), "--quiet"]
+            "--epochs", str(epochs), "--finetune-epochs", "1", "--device", "cpu", "--out", str(out), "--quiet",
+            "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,9 @@ def test_table_figures_and_report(reference):
     for attack in ATTACKS:
         assert f"mnist-{attack}-pruning.png" in figs and f"mnist-{attack}-channels.png" in figs
         assert (reference / "figures" / f"mnist-{attack}-pruning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run = json.loads((reference / "run.json").read_text())
+    assert run["settings"]["seed"] == 0 and run["settings"]["tasks"] == ["mnist"] and run["threads"] == 1
+    assert run["versions"]["torch"] and run["device"] == "cpu"
     channels = json.loads((reference / "channels.json").read_text())
     assert sorted(c["attack"] for c in channels) == sorted(ATTACKS)
     assert all(c["num_channels"] > 0 and 0 <= c["dormant_clean"] <= c["num_channels"] for c in channels)

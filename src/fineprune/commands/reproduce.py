@@ -21,6 +21,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help="override the attacker's training epochs")
     p.add_argument("--finetune-epochs", type=int, default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice). Models trained with a different "
+                        "thread count differ slightly (float summation order); run.json records it")
     p.add_argument("--no-timings", dest="timings", action="store_false",
                    help="write null for every wall-clock `seconds` field, so two runs with the same seed "
                         "give byte-identical results.json")
@@ -40,6 +43,12 @@ def run(args: argparse.Namespace) -> int:
         raise BadInputError(str(exc)) from None
     if not 0 < args.subsample <= 1:
         raise BadInputError(f"--subsample must be in (0, 1], got {args.subsample}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise BadInputError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.task != "mnist" and not Path(args.data_root).exists():
         raise BadInputError(f"data root {args.data_root} does not exist; pass --data-root with the dataset archives")
     tasks = TASKS if args.task == "all" else (args.task,)

@@ -270,7 +270,17 @@ def run_reproduce(cfg: ReproduceConfig) -> list[dict]:
         curves.update(task_curves)
         write_json_atomic(out / "results.json", rows)  # after each task: partial progress is visible
     write_reproduce_outputs(out, rows, curves, PAPER, cfg)
+    write_json_atomic(out / "run.json", run_record(cfg))
     return rows
+
+
+def run_record(cfg: ReproduceConfig) -> dict:
+    """What a rerun must match to give the same numbers: settings, seed, thread count, versions."""
+    from .provenance import versions
+
+    settings = {k: v for k, v in vars(cfg).items() if k not in ("progress", "extra", "out")}
+    return {"settings": settings, "threads": torch.get_num_threads(),
+            "device": str(pick_device(cfg.device)), "versions": versions()}
 
 
 def _log(cfg: ReproduceConfig, msg: str) -> None:
