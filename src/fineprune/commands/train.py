@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 from ..cli import command
 
@@ -41,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..errors import BadInputError
+    from ..pipeline.outdir import check_out_dir, prepare_out_dir
     from ..task_training import save_trained, train_task
     from ..tasks import get_task
     from ..training import TrainConfig
@@ -57,9 +57,7 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise BadInputError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"--out {out} is a file, not a folder; choose a folder for the model")
+    out = check_out_dir(args.out, force=True)  # a file is refused; an existing folder is reused
     checkpoint = out / TRAIN_CHECKPOINT
     if args.resume and not checkpoint.is_file() and not args.quiet:
         print(f"fineprune train: no checkpoint in {out}; starting from the first epoch")
@@ -71,10 +69,7 @@ def run(args: argparse.Namespace) -> int:
         what = "clean" if attack is None else f"backdoored ({attack.rate:.1%} {attack.trigger.name}, {attack.policy.kind})"
         print(f"fineprune train: {spec.name}, {what}; {len(data.train)} train / {len(data.val)} val / "
               f"{len(data.test)} test; {cfg.epochs} epochs")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInputError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+    prepare_out_dir(out, force=True)
     trained = train_task(spec, data, attack=attack, cfg=cfg, seed=args.seed, device=args.device,
                          progress=not args.quiet, checkpoint_path=checkpoint, resume=args.resume)
     trained.record["seconds"]["wall"] = round(time.perf_counter() - t0, 2)

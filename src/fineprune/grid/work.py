@@ -93,14 +93,13 @@ def run_cell(cell: dict, model: dict) -> dict:
     metrics (the runner adds the params and bookkeeping)."""
     from ..defense.persist import load_pruned
     from ..pipeline.reproduce import defend_one
-    from ..runtime import seed_everything
 
     t0 = time.perf_counter()
     load_plugins(cell.get("plugins", []))
     params = cell["params"]
     setup = _setup(params, cell["data_root"], cell.get("device"))
     net = load_pruned(setup.fresh(), model["path"])
-    seed_everything(params["seed"])  # the same cell gives the same numbers in any worker
+    # defend_one seeds its own draws: the same cell gives the same numbers in any worker.
     threshold = params["threshold"] if params["threshold"] is not None else 4.0
     row, _ = defend_one(setup, params["attack"], net, model.get("info", {}), params["defense"], threshold)
     for k in ("task", "attack", "defense"):
