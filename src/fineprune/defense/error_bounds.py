@@ -14,8 +14,10 @@ paths' own rounding. A prediction whose top-2 logit margin exceeds D[i] + D[j] i
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -35,15 +37,71 @@ _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
-    """Unit roundoff of the products actually used (TF32 / bfloat16 matmul modes round coarser)."""
+    """Unit roundoff of the products actually used: TF32 (CUDA matmuls, cuDNN convolutions) and
+    bfloat16 matmul modes round float32 operands to 8 significant bits, so they get 2^-8.
+    The sweep runs under `exact_float32()`, which turns those modes off, so it certifies with 2^-24."""
     if dtype == torch.float64:
         return 2.0**-53
     if dtype != torch.float32:
         return math.inf
-    precise = torch.get_float32_matmul_precision() == "highest"
+    return 2.0**-8 if _float32_shortcuts() else 2.0**-24
+
+
+def _precision_backends() -> list[object]:
+    """The backends with a per-backend float32 precision (torch >= 2.9); CUDA's only when in use."""
+    b = torch.backends
+    names = [(b, "mkldnn", "matmul"), (b, "mkldnn", "conv")]
     if torch.cuda.is_available():
-        precise = precise and not torch.backends.cuda.matmul.allow_tf32
-    return 2.0**-24 if precise else 2.0**-8
+        names += [(b, "cuda", "matmul"), (b, "cudnn", "conv")]
+    found = []
+    for root, a, c in names:
+        obj = getattr(getattr(root, a, None), c, None)
+        if obj is not None and hasattr(obj, "fp32_precision"):
+            found.append(obj)
+    return found
+
+
+def _legacy_matmul_precision() -> str | None:
+    try:  # raises once the newer per-backend API has been used
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return None
+
+
+def _float32_shortcuts() -> bool:
+    """Whether any float32 product may be rounded to TF32 / bfloat16 (checked both APIs; a setting
+    that cannot be read counts as on, so the certificate errs on the safe side)."""
+    if any(obj.fp32_precision in ("tf32", "bf16") for obj in _precision_backends()):
+        return True
+    legacy = _legacy_matmul_precision()
+    if legacy not in (None, "highest"):
+        return True
+    if torch.cuda.is_available() and not _precision_backends():  # torch without the newer API
+        return bool(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+    return False
+
+
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """float32 products in float32 (no TF32 / bfloat16 shortcuts) inside the block, restored after.
+
+    cuDNN allows TF32 convolutions by default: a sweep on a GPU would otherwise compare paths that
+    each round to 8 bits. Both the cached sweep and the full-pass reference run under this.
+    Whatever cannot be turned off is seen by `unit_roundoff`, which then certifies less."""
+    backends = _precision_backends()
+    saved = [obj.fp32_precision for obj in backends]
+    legacy = _legacy_matmul_precision()
+    try:
+        for obj in backends:
+            obj.fp32_precision = "ieee"
+        if legacy not in (None, "highest"):
+            torch.set_float32_matmul_precision("highest")
+        yield
+    finally:
+        for obj, value in zip(backends, saved):
+            obj.fp32_precision = value
+        if legacy not in (None, "highest"):
+            torch.set_float32_matmul_precision(legacy)
 
 
 def gamma(n: int, u: float) -> float:
@@ -64,14 +122,47 @@ def supported(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
             return m.running_mean is not None and not m.training
         return isinstance(m, (*_KEEPS_BOUND, *_AVG_POOLS, nn.Linear)) and not getattr(m, "return_indices", False)
     if node.op == "call_function":
-        if node.target in (operator.add, torch.add):
-            return len(node.args) == 2 and not node.kwargs
+        if node.target in _ARITH_FUNCTIONS:
+            return _arith_supported(_ARITH_FUNCTIONS[node.target], node)
         if node.target in (torch.flatten, F.relu, torch.relu):
             return not node.kwargs.get("inplace", False)
         return False
     if node.op == "call_method":
+        if node.target in _ARITH_METHODS:
+            return _arith_supported(node.target, node)
         return node.target in ("flatten", "relu")
     return False
+
+
+# Element-wise arithmetic the tail may hold (a bias added as a constant, a scale, a subtraction).
+_ARITH_FUNCTIONS = {
+    operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
+    operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
+    operator.neg: "neg", torch.neg: "neg",
+}
+_ARITH_METHODS = {"add", "sub", "mul", "div", "neg"}
+
+
+def _is_number(a: object) -> bool:
+    return isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)
+
+
+def _arith_supported(op: str, node: fx.Node) -> bool:
+    """Two operands (tensors or finite numbers) for add/sub; a tensor times or over a nonzero
+    number for mul/div (a product of two tensors is not bounded here); one tensor for neg."""
+    if node.kwargs:
+        return False
+    args = node.args
+    if op == "neg":
+        return len(args) == 1 and isinstance(args[0], fx.Node)
+    if len(args) != 2 or not all(isinstance(a, fx.Node) or _is_number(a) for a in args):
+        return False
+    tensors = sum(isinstance(a, fx.Node) for a in args)
+    if op in ("add", "sub"):
+        return tensors >= 1
+    if op == "mul":
+        return tensors == 1
+    return isinstance(args[0], fx.Node) and _is_number(args[1]) and args[1] != 0  # div
 
 
 def linear_bound(m: torch.Tensor, d: torch.Tensor, apply_abs, bias: torch.Tensor | None,
@@ -138,11 +229,8 @@ def propagate(tail: fx.GraphModule, inputs: list[Bound], u: float, values: bool 
             mod = mods[node.target]
             m_out, d_out = _module_bound(mod, v.abs() if values else v, d, u, need_mag=not values)
             env[node] = (mod(v.clone() if getattr(mod, "inplace", False) else v) if values else m_out), d_out
-        elif node.target in (operator.add, torch.add):
-            (va, da), (vb, db) = (env[a] if isinstance(a, fx.Node) else _const(a) for a in node.args)
-            ma, mb = (va.abs(), vb.abs()) if values else (va, vb)
-            d_out = da + db + 2 * u * (ma + mb + da + db)
-            env[node] = (va + vb if values else (ma + mb) * (1 + u)), d_out
+        elif _arith_op(node) is not None:
+            env[node] = _arith_bound(node, _arith_op(node), env, u, values)
         else:  # flatten / relu in function or method form, extra args constant
             v, d = env[node.args[0]]
             fn = (lambda t: getattr(t, node.target)(*node.args[1:], **node.kwargs)) \
@@ -151,9 +239,41 @@ def propagate(tail: fx.GraphModule, inputs: list[Bound], u: float, values: bool 
     raise ValueError("tail graph has no output")
 
 
-def _const(a: object) -> Bound:
-    v = abs(float(a))
-    return torch.tensor(v), torch.tensor(0.0)
+def _arith_op(node: fx.Node) -> str | None:
+    if node.op == "call_function":
+        return _ARITH_FUNCTIONS.get(node.target)
+    if node.op == "call_method" and node.target in _ARITH_METHODS:
+        return node.target
+    return None
+
+
+def _arith_bound(node: fx.Node, op: str, env: dict[fx.Node, Bound], u: float, values: bool) -> Bound:
+    """Element-wise add / sub / scale / negate. A number operand is exact (D = 0); its magnitude
+    enters M, while in values mode the op itself runs on the signed operands, so the value is the
+    tail's own (a negative constant stays negative)."""
+    if op == "neg":
+        v, d = env[node.args[0]]
+        return (-v if values else v), d
+    pairs = [env[a] if isinstance(a, fx.Node) else None for a in node.args]
+    mags = [(p[0].abs() if values else p[0]) if p is not None else abs(float(a))
+            for p, a in zip(pairs, node.args)]
+    devs = [p[1] if p is not None else 0.0 for p in pairs]
+    if op in ("add", "sub"):
+        # each path rounds once: |fl(a +- b) - (a +- b)| <= u (|a| + |b|), and the full pass's
+        # operands are within D of the fast path's
+        d_out = devs[0] + devs[1] + 2 * u * (mags[0] + mags[1] + devs[0] + devs[1])
+        mag = (mags[0] + mags[1]) * (1 + u)
+    else:  # mul / div by the number s: D' = |s| (D + 2u (M + D)) with |s| or 1/|s|
+        i = 0 if pairs[0] is not None else 1
+        s = abs(float(node.args[1 - i]))
+        s = 1.0 / s if op == "div" else s
+        d_out = s * (devs[i] + 2 * u * (mags[i] + devs[i])) * (1 + u)
+        mag = s * mags[i] * (1 + u)
+    if not values:
+        return mag, d_out
+    operands = [p[0] if p is not None else a for p, a in zip(pairs, node.args)]
+    return node.target(*operands) if node.op == "call_function" \
+        else getattr(operands[0], node.target)(*operands[1:]), d_out
 
 
 def unsure(margin: torch.Tensor, winner: torch.Tensor, d_logits: torch.Tensor) -> torch.Tensor:

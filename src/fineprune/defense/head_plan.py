@@ -11,8 +11,11 @@ Two facts about the head (the network after the masked tensor h) make the sweep 
   share of channel order[k]. All k then cost about one pass of the frontier layers, plus the
   rest of the head (the *tail*: ReLU, the next layers) per k. Float sums in another order differ
   in the last bits, so each prediction comes with a rigorous rounding bound covering *both* this
-  path and a full forward pass (`error_bounds`); predictions whose top-2 logit margin is within
-  it are recomputed with the exact head, so the result equals the full passes' predictions.
+  path and any full forward pass whose dot products obey the standard rounding model, in any
+  summation order and batch size (`error_bounds`); predictions whose top-2 logit margin is within
+  it are recomputed with the exact head. Certified predictions equal every such full pass's;
+  recomputed ones equal a full pass's up to last-bit ties, which two batch sizes of the full
+  protocol also resolve differently (see `sweep`'s docstring for the whole guarantee).
 """
 from __future__ import annotations
 

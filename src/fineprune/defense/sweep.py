@@ -6,7 +6,23 @@ then evaluates only the head for each k: incrementally when every first layer af
 linear (`head_plan`), else several k per batch of the exact head (`counting`). The same pass gives the channel statistics. With
 `max_cache_mb`, what does not fit is recomputed chunk by chunk after the ranking pass instead of
 being kept. When the model cannot be cut (torch.fx cannot trace it), the fallback runs the whole
-masked network for each k. All paths give the predictions of the masked full network.
+masked network for each k.
+
+What is guaranteed (the tests check it; `error_bounds` proves the certified part):
+* The ranking is the full protocol's: channel means are float64 sums of the same front outputs,
+  batch by batch in the same order as `layer_means` (with the same `batch_size`).
+* Every prediction of the incremental path is either certified or recomputed. A certified one
+  equals the prediction of *every* float32 forward pass of the masked head on the same front
+  values whose dot products obey the standard rounding model: any summation order, with or without
+  FMA, any batch size. The rest are recomputed with the exact head (the masked head itself, run in
+  float32), whose argmax equals a full pass's except on last-bit ties: where two logits are within
+  a few ulps, evaluations differing only in summation order (the full protocol run with batch 7 and
+  with batch 256 is such a pair: CPU matmul kernels change with the batch) may pick different
+  classes, and so may the sweep. Per-k counts therefore equal the full protocol's whenever no
+  prediction is such a tie, as on every model of the tests and benchmarks; at a tie they may
+  differ exactly as two batch sizes of the full protocol differ.
+* Sweeps run under `exact_float32()`: no TF32 / bfloat16 products (cuDNN allows TF32 by default);
+  whatever cannot be turned off makes the certificate use TF32's unit roundoff.
 """
 from __future__ import annotations
 
@@ -23,6 +39,7 @@ from tqdm.auto import tqdm
 from ..runtime import load_checkpoint, run_digest, save_checkpoint
 from .counting import Counter
 from .cut import NetworkCut, cut_at
+from .error_bounds import exact_float32
 from .head_plan import HeadPlan, plan_head
 from .mask import clear_mask, set_pruned
 
@@ -208,6 +225,7 @@ def _sweep_key(model: nn.Module, layer: str, sets: list[_Data], settings: dict) 
     return run_digest({"layer": layer, **settings}, tensors)
 
 
+@exact_float32()
 def cached_sweep(
     model: nn.Module,
     layer: str,
@@ -335,6 +353,7 @@ def layer_means(
     return (torch.stack(total).sum(0) / count[0]).cpu()
 
 
+@exact_float32()
 def full_sweep(
     model: nn.Module,
     layer: str,
