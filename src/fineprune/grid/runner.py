@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -146,190 +146,243 @@ class _SigtermAsInterrupt:
             signal.signal(signal.SIGTERM, self.old)
 
 
+@dataclass
+class _ModelPlan:
+    """The models the cells to run need: a spec per model key, the clean model a pruning-aware one
+    starts from, and the cells waiting on each model."""
+
+    specs: dict[str, dict] = field(default_factory=dict)
+    needs: dict[str, str | None] = field(default_factory=dict)  # model key -> its clean model's key
+    cells_of: dict[str, list[Cell]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, cfg: GridConfig, todo: list[Cell], models_dir: Path) -> "_ModelPlan":
+        plan = cls()
+        common = {"models_dir": str(models_dir), "data_root": cfg.data_root, "device": cfg.device,
+                  "plugins": cfg.plugins}
+        for cell in todo:
+            plan.cells_of.setdefault(plan._add(cell.params, common), []).append(cell)
+        return plan
+
+    def _add(self, params: dict, common: dict) -> str:
+        key = model_key(params)
+        if key not in self.specs:
+            self.specs[key] = {"key": key, "params": model_params(params), **common}
+            self.needs[key] = None
+            if params["attack"] == "pruning-aware":
+                self.needs[key] = self._add(clean_params(params), common)
+        return key
+
+    def waiting_on(self, clean_key: str) -> list[str]:
+        """Models that start from the clean model `clean_key`."""
+        return [k for k, clean in self.needs.items() if clean == clean_key]
+
+
 def _schedule(cfg: GridConfig, out: Path, todo: list[Cell], total: int, already: int, results: ResultsLog,
               address: str | None, num_cpus: int | None, verbose: bool, log) -> tuple[int, int]:
     import ray
 
     models_dir = out / "models"
-    # --- the models these cells need (pruning-aware ones need their clean model first)
-    specs: dict[str, dict] = {}
-    needs: dict[str, str | None] = {}  # model key -> the clean model key it starts from
-    cells_of: dict[str, list[Cell]] = {}
-    common = {"models_dir": str(models_dir), "data_root": cfg.data_root, "device": cfg.device,
-              "plugins": cfg.plugins}
-
-    def add_model(params: dict) -> str:
-        key = model_key(params)
-        if key not in specs:
-            specs[key] = {"key": key, "params": model_params(params), **common}
-            needs[key] = None
-            if params["attack"] == "pruning-aware":
-                needs[key] = add_model(clean_params(params))
-        return key
-
-    for cell in todo:
-        cells_of.setdefault(add_model(cell.params), []).append(cell)
-
+    plan = _ModelPlan.of(cfg, todo, models_dir)
     with _SigtermAsInterrupt():
         started = _init_ray(address, num_cpus, verbose)
         try:
-            return _loop(cfg, todo, total, already, results, specs, needs, cells_of, models_dir, log)
+            return _Scheduler(cfg, plan, results, Progress(total, already, log), models_dir, log).run()
         finally:
             results.close()
             if started:
                 ray.shutdown()
 
 
-def _loop(cfg, todo, total, already, results, specs, needs, cells_of, models_dir, log) -> tuple[int, int]:
-    import ray
+def _ray_options(res: dict) -> dict:
+    """Ray task options for `resources`; Ray's own retries are off (every attempt is counted here)."""
+    o = {"num_cpus": res.get("num_cpus", 1), "num_gpus": res.get("num_gpus", 0),
+         "max_retries": 0, "retry_exceptions": False}
+    if res.get("memory"):
+        o["memory"] = int(res["memory"])
+    return o
 
-    cell_res = dict(cfg.resources)
-    train_res = dict(cfg.train_resources or cfg.resources)
 
-    def options(res: dict) -> dict:
-        o = {"num_cpus": res.get("num_cpus", 1), "num_gpus": res.get("num_gpus", 0),
-             "max_retries": 0, "retry_exceptions": False}
-        if res.get("memory"):
-            o["memory"] = int(res["memory"])
-        return o
+@dataclass
+class _Flight:
+    kind: str  # "model" or "cell"
+    item: "str | Cell"  # the model key or the cell
+    resources: dict
 
-    train_fn = ray.remote(work.train_model).options(**options(train_res))
-    cell_fn = ray.remote(work.run_cell).options(**options(cell_res))
 
-    cluster = {"t": 0.0, "cpu": 0.0, "gpu": 0.0}
+class _Scheduler:
+    """Keeps models and cells in flight on Ray as far as the cluster can run them, models first
+    (they unblock cells), and records each result as it comes (retries, failures, progress)."""
 
-    def refresh(force: bool = False) -> None:
-        if force or time.monotonic() - cluster["t"] > 10:
+    def __init__(self, cfg: GridConfig, plan: _ModelPlan, results: ResultsLog, progress: Progress,
+                 models_dir: Path, log) -> None:
+        import ray
+
+        self.cfg, self.plan, self.results, self.progress = cfg, plan, results, progress
+        self.models_dir, self.log = models_dir, log
+        self.cell_res = dict(cfg.resources)
+        self.train_res = dict(cfg.train_resources or cfg.resources)
+        self.train_fn = ray.remote(work.train_model).options(**_ray_options(self.train_res))
+        self.cell_fn = ray.remote(work.run_cell).options(**_ray_options(self.cell_res))
+        self.max_attempts = 1 + cfg.retries
+        self.cluster = {"cpu": 0.0, "gpu": 0.0}
+        self.cluster_read = float("-inf")
+        self.models: dict[str, dict] = {}  # model key -> train_model's result
+        self.model_state = {k: "waiting" for k in plan.specs}
+        self.attempts: dict[str, int] = {}  # model key or cell id -> attempts so far
+        self.errors: dict[str, list[str]] = {}
+        self.model_queue: deque[str] = deque(k for k in plan.specs if plan.needs[k] is None)
+        self.cell_queue: deque[Cell] = deque()
+        self.in_flight: dict = {}  # ObjectRef -> _Flight
+        self.used = {"cpu": 0.0, "gpu": 0.0}
+
+    def run(self) -> tuple[int, int]:
+        """(cells ok, cells failed) in this run."""
+        import ray
+
+        self._refresh(force=True)
+        self._announce(ray.get_runtime_context().gcs_address)
+        while self.model_queue or self.cell_queue or self.in_flight:
+            self._refresh()
+            self._submit()
+            self.progress.flush()
+            if not self.in_flight:
+                break
+            ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=2.0)
+            for ref in ready:
+                self._finished(ref)
+        self.progress.flush()
+        return self.progress.ok, self.progress.failed
+
+    # --- the cluster and what runs on it
+
+    def _refresh(self, force: bool = False) -> None:
+        """Re-read the cluster's size every 10 s: nodes may join or leave."""
+        import ray
+
+        if force or time.monotonic() - self.cluster_read > 10:
             r = ray.cluster_resources()
-            cluster.update(t=time.monotonic(), cpu=float(r.get("CPU", 0)), gpu=float(r.get("GPU", 0)))
+            self.cluster.update(cpu=float(r.get("CPU", 0)), gpu=float(r.get("GPU", 0)))
+            self.cluster_read = time.monotonic()
 
-    refresh(True)
-    where = ray.get_runtime_context().gcs_address
-    log(f"Ray at {where}: {cluster['cpu']:g} CPUs, {cluster['gpu']:g} GPUs; "
-        f"{len(specs)} model(s) to train or find in {models_dir}")
-    for what, res in (("cells", cell_res), ("models", train_res)):
-        if res.get("num_gpus", 0) > cluster["gpu"] or res.get("num_cpus", 1) > cluster["cpu"]:
-            log(f"warning: {what} ask for {res} but the cluster has {cluster['cpu']:g} CPUs and "
-                f"{cluster['gpu']:g} GPUs; they wait until such a node joins")
+    def _announce(self, where: str) -> None:
+        c = self.cluster
+        self.log(f"Ray at {where}: {c['cpu']:g} CPUs, {c['gpu']:g} GPUs; "
+                 f"{len(self.plan.specs)} model(s) to train or find in {self.models_dir}")
+        for what, res in (("cells", self.cell_res), ("models", self.train_res)):
+            if res.get("num_gpus", 0) > c["gpu"] or res.get("num_cpus", 1) > c["cpu"]:
+                self.log(f"warning: {what} ask for {res} but the cluster has {c['cpu']:g} CPUs and "
+                         f"{c['gpu']:g} GPUs; they wait until such a node joins")
 
-    progress = Progress(total, already, log)
-    models: dict[str, dict] = {}  # key -> train_model result
-    model_state = {k: "waiting" for k in specs}
-    attempts: dict[str, int] = {}
-    errors: dict[str, list[str]] = {}
-    model_queue: deque[str] = deque(k for k in specs if needs[k] is None)
-    cell_queue: deque[Cell] = deque()
-    in_flight: dict = {}  # ObjectRef -> (kind, key or cell, resources)
-    used = {"cpu": 0.0, "gpu": 0.0}
-
-    def fits(res: dict) -> bool:
-        if not in_flight:
+    def _fits(self, res: dict) -> bool:
+        if not self.in_flight:
             return True  # never stall: Ray queues it until the cluster can run it
-        return (used["cpu"] + res.get("num_cpus", 1) <= cluster["cpu"] + 1e-9
-                and used["gpu"] + res.get("num_gpus", 0) <= cluster["gpu"] + 1e-9)
+        return (self.used["cpu"] + res.get("num_cpus", 1) <= self.cluster["cpu"] + 1e-9
+                and self.used["gpu"] + res.get("num_gpus", 0) <= self.cluster["gpu"] + 1e-9)
 
-    def launch(ref, kind, item, res) -> None:
-        in_flight[ref] = (kind, item, res)
-        used["cpu"] += res.get("num_cpus", 1)
-        used["gpu"] += res.get("num_gpus", 0)
+    def _launch(self, ref, flight: _Flight) -> None:
+        self.in_flight[ref] = flight
+        self.used["cpu"] += flight.resources.get("num_cpus", 1)
+        self.used["gpu"] += flight.resources.get("num_gpus", 0)
 
-    def base_row(cell: Cell) -> dict:
-        return {"cell": cell.id, **cell.params}
+    def _submit(self) -> None:
+        while self.model_queue and self._fits(self.train_res):
+            key = self.model_queue.popleft()
+            self.model_state[key] = "running"
+            self.attempts[key] = self.attempts.get(key, 0) + 1
+            clean_key = self.plan.needs[key]
+            clean = self.models.get(clean_key) if clean_key else None
+            self._launch(self.train_fn.remote(self.plan.specs[key], clean),
+                         _Flight("model", key, self.train_res))
+        while self.cell_queue and self._fits(self.cell_res):
+            cell = self.cell_queue.popleft()
+            self.attempts[cell.id] = self.attempts.get(cell.id, 0) + 1
+            payload = {"id": cell.id, "params": cell.params, "data_root": self.cfg.data_root,
+                       "device": self.cfg.device, "plugins": self.cfg.plugins}
+            self._launch(self.cell_fn.remote(payload, self.models[cell.model_key()]),
+                         _Flight("cell", cell, self.cell_res))
+            self.progress.running += 1
 
-    def fail_cell(cell: Cell, stage: str, msg: str, tb: str | None, n_attempts: int, errs: list[str]) -> None:
-        row = {**base_row(cell), "status": "failed", "stage": stage, "error": msg, "errors": errs,
-               "attempts": n_attempts, "traceback": tb, "finished": _now()}
-        results.append(row)
-        progress.cell_finished(False, f"FAILED {cell.label()}: {msg}")
+    def _finished(self, ref) -> None:
+        import ray
 
-    def model_failed(key: str, msg: str, tb: str | None) -> None:
-        model_state[key] = "failed"
-        n = attempts.get(key, 0)
-        for cell in cells_of.get(key, []):
-            fail_cell(cell, "model", f"model {key} failed after {n} attempt(s): {msg}", tb, 0,
-                      errors.get(key, []))
-        for other, clean in needs.items():  # pruning-aware models waiting for this clean one
-            if clean == key and model_state[other] == "waiting":
-                attempts[other] = 0
-                model_failed(other, f"its clean model {key} failed: {msg}", tb)
+        flight = self.in_flight.pop(ref)
+        self.used["cpu"] -= flight.resources.get("num_cpus", 1)
+        self.used["gpu"] -= flight.resources.get("num_gpus", 0)
+        try:
+            value, exc = ray.get(ref), None
+        except Exception as e:  # the task raised, or its worker / node died
+            value, exc = None, e
+        if flight.kind == "model":
+            self._model_done(flight.item, value, exc)
+        else:
+            self.progress.running -= 1
+            self._cell_done(flight.item, value, exc)
 
-    def model_ready(key: str, result: dict) -> None:
-        model_state[key] = "ready"
-        models[key] = result
+    # --- models
+
+    def _model_done(self, key: str, value: dict | None, exc: BaseException | None) -> None:
+        if exc is None:
+            self._model_ready(key, value)
+            return
+        msg, tb = _error_text(exc)
+        self.errors.setdefault(key, []).append(msg)
+        if self.attempts[key] < self.max_attempts:
+            self.progress.note(f"model {key} failed ({msg}); retrying")
+            self.model_queue.appendleft(key)
+        else:
+            self._model_failed(key, msg, tb)
+
+    def _model_ready(self, key: str, result: dict) -> None:
+        self.model_state[key] = "ready"
+        self.models[key] = result
         how = "found on disk" if result["reused"] else f"trained in {result['seconds']:.1f}s"
-        progress.note(f"model {key} {how} ({Path(result['path']).name}, {result['node']})")
-        cell_queue.extend(cells_of.get(key, []))
-        for other, clean in needs.items():
-            if clean == key and model_state[other] == "waiting":
-                model_queue.append(other)
+        self.progress.note(f"model {key} {how} ({Path(result['path']).name}, {result['node']})")
+        self.cell_queue.extend(self.plan.cells_of.get(key, []))
+        self.model_queue.extend(k for k in self.plan.waiting_on(key) if self.model_state[k] == "waiting")
 
-    max_attempts = 1 + cfg.retries
-    while model_queue or cell_queue or in_flight:
-        refresh()
-        # models first: they unblock cells
-        while model_queue and fits(train_res):
-            key = model_queue.popleft()
-            model_state[key] = "running"
-            attempts[key] = attempts.get(key, 0) + 1
-            clean = models.get(needs[key]) if needs[key] else None
-            launch(train_fn.remote(specs[key], clean), "model", key, train_res)
-        while cell_queue and fits(cell_res):
-            cell = cell_queue.popleft()
-            attempts[cell.id] = attempts.get(cell.id, 0) + 1
-            key = cell.model_key()
-            payload = {"id": cell.id, "params": cell.params, "data_root": cfg.data_root, "device": cfg.device,
-                       "plugins": cfg.plugins}
-            launch(cell_fn.remote(payload, models[key]), "cell", cell, cell_res)
-            progress.running += 1
-        progress.flush()
-        if not in_flight:
-            break
-        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=2.0)
-        for ref in ready:
-            kind, item, res = in_flight.pop(ref)
-            used["cpu"] -= res.get("num_cpus", 1)
-            used["gpu"] -= res.get("num_gpus", 0)
-            try:
-                value = ray.get(ref)
-                exc = None
-            except Exception as e:  # the task raised, or its worker / node died
-                value, exc = None, e
-            if kind == "model":
-                key = item
-                if exc is None:
-                    model_ready(key, value)
-                    continue
-                msg, tb = _error_text(exc)
-                errors.setdefault(key, []).append(msg)
-                if attempts[key] < max_attempts:
-                    progress.note(f"model {key} failed ({msg}); retrying")
-                    model_queue.appendleft(key)
-                else:
-                    model_failed(key, msg, tb)
-                continue
-            cell = item
-            progress.running -= 1
-            if exc is None:
-                model = models[cell.model_key()]
-                row = {**base_row(cell), "status": "ok", **value,
-                       "model": os.path.relpath(model["path"], models_dir.parent),
-                       "model_reused": model["reused"], "attempts": attempts[cell.id], "finished": _now()}
-                if errors.get(cell.id):
-                    row["errors"] = errors[cell.id]
-                results.append(row)
-                asr = "-" if row.get("asr") is None else f"{100 * row['asr']:.1f}%"
-                progress.cell_finished(True, f"{cell.label()}: CA {100 * row['clean_acc']:.1f}% ASR {asr} "
-                                             f"pruned {100 * row['pruned_fraction']:.0f}% ({row['cell_seconds']:.1f}s)")
-                continue
-            msg, tb = _error_text(exc)
-            errors.setdefault(cell.id, []).append(msg)
-            if attempts[cell.id] < max_attempts:
-                progress.note(f"{cell.label()} failed ({msg}); retrying")
-                cell_queue.appendleft(cell)
-            else:
-                fail_cell(cell, "cell", msg, tb, attempts[cell.id], errors[cell.id])
-    progress.flush()
-    return progress.ok, progress.failed
+    def _model_failed(self, key: str, msg: str, tb: str | None) -> None:
+        """Its cells are written as failed, and so are the models (and cells) waiting on it."""
+        self.model_state[key] = "failed"
+        n = self.attempts.get(key, 0)
+        for cell in self.plan.cells_of.get(key, []):
+            self._fail_cell(cell, "model", f"model {key} failed after {n} attempt(s): {msg}", tb, 0,
+                            self.errors.get(key, []))
+        for other in self.plan.waiting_on(key):
+            if self.model_state[other] == "waiting":
+                self.attempts[other] = 0
+                self._model_failed(other, f"its clean model {key} failed: {msg}", tb)
+
+    # --- cells
+
+    def _cell_done(self, cell: Cell, value: dict | None, exc: BaseException | None) -> None:
+        if exc is None:
+            model = self.models[cell.model_key()]
+            row = {"cell": cell.id, **cell.params, "status": "ok", **value,
+                   "model": os.path.relpath(model["path"], self.models_dir.parent),
+                   "model_reused": model["reused"], "attempts": self.attempts[cell.id], "finished": _now()}
+            if self.errors.get(cell.id):
+                row["errors"] = self.errors[cell.id]
+            self.results.append(row)
+            asr = "-" if row.get("asr") is None else f"{100 * row['asr']:.1f}%"
+            self.progress.cell_finished(True, f"{cell.label()}: CA {100 * row['clean_acc']:.1f}% ASR {asr} "
+                                              f"pruned {100 * row['pruned_fraction']:.0f}% "
+                                              f"({row['cell_seconds']:.1f}s)")
+            return
+        msg, tb = _error_text(exc)
+        self.errors.setdefault(cell.id, []).append(msg)
+        if self.attempts[cell.id] < self.max_attempts:
+            self.progress.note(f"{cell.label()} failed ({msg}); retrying")
+            self.cell_queue.appendleft(cell)
+        else:
+            self._fail_cell(cell, "cell", msg, tb, self.attempts[cell.id], self.errors[cell.id])
+
+    def _fail_cell(self, cell: Cell, stage: str, msg: str, tb: str | None, n_attempts: int,
+                   errs: list[str]) -> None:
+        row = {"cell": cell.id, **cell.params, "status": "failed", "stage": stage, "error": msg,
+               "errors": errs, "attempts": n_attempts, "traceback": tb, "finished": _now()}
+        self.results.append(row)
+        self.progress.cell_finished(False, f"FAILED {cell.label()}: {msg}")
 
 
 def summarize_only(cfg: GridConfig, out: str | Path | None = None) -> dict:
