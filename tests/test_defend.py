@@ -9,9 +9,14 @@ from fineprune.evaluation.metrics import accuracy
 from fineprune.models.small import SmallCNN
 
 
-def _setup():
+def _setup(scale: float = 1.0):
+    """`scale` > 1 strengthens the classifier so the features, not the biases, decide."""
     torch.manual_seed(0)
     m = SmallCNN(width=8).eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.mul_(scale)
     x = torch.rand(200, 1, 28, 28)
     with torch.no_grad():
         y = m(x).argmax(1)
@@ -68,13 +73,27 @@ def test_defend_dispatches_and_validates():
         raise AssertionError("fine-prune without training data accepted")
 
 
-def test_fine_tuning_that_wrecks_accuracy_is_flagged():
+def test_fine_tuning_that_wrecks_accuracy_is_discarded_by_the_guard():
     """Labels the model predicts (75%) are what a defender's data looks like to a good model; a
-    learning rate far too high destroys it and the result says so (the face network at lr 0.05)."""
+    learning rate far too high destroys it (the face network at lr 0.05). The accuracy guard then
+    keeps the model from before fine-tuning, says so, and never returns the wrecked one."""
     model, train, val = _setup()
     wild = defend(model, train, val, "fine-tune", finetune=TrainConfig(epochs=2, lr=50.0, batch_size=32))
-    assert 100 * (wild.before.clean_acc - wild.after.clean_acc) > 4
-    assert len(wild.warnings) == 1 and "try a lower --lr" in wild.warnings[0]
+    assert all(e.val_acc < wild.before.clean_acc - 0.04 for e in wild.finetune.epochs)  # every epoch wrecked
+    assert wild.after.clean_acc == wild.before.clean_acc  # the original model, unchanged
+    for a, b in zip(wild.model.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a.cpu(), b.cpu())
+    assert wild.finetune.best_epoch == 0
+    assert len(wild.warnings) == 1 and "fine-tuning discarded" in wild.warnings[0]
     calm = defend(model, train, val, "fine-tune", finetune=TrainConfig(epochs=1, lr=1e-4, batch_size=32))
     assert abs(calm.before.clean_acc - calm.after.clean_acc) <= 0.04 and calm.warnings == []
+    model, train, val = _setup(scale=20.0)  # pruning stops early and fine-tuning has work
+    pruned = defend(model, train, val, "fine-prune", threshold=4.0,
+                    finetune=TrainConfig(epochs=2, lr=50.0, batch_size=32))
+    assert 0 < pruned.sweep.extra["stop_k"] < pruned.num_channels
+    assert all(e.val_acc < pruned.before.clean_acc - 0.04 for e in pruned.finetune.epochs)
+    assert 100 * (pruned.before.clean_acc - pruned.after.clean_acc) <= 4.0 + 1e-9  # within the guard
+    n = len(val)
+    assert round(pruned.after.clean_acc * n) == pruned.sweep.clean_correct[pruned.sweep.extra["stop_k"]]
+    assert "the pruned model" in pruned.warnings[0]
     assert Pruning(model, threshold=4.0).fit(val).warnings == []  # no fine-tuning, nothing to flag

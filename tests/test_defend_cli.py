@@ -268,6 +268,22 @@ def test_refuses_to_overwrite_without_force(ws, tmp_path, capsys):
     assert (out / "notes.txt").read_text() == "mine" and (out / "report.html").exists()
 
 
+def test_a_killed_runs_checkpoint_is_not_thrown_away_silently(ws, tmp_path, capsys):
+    """A folder holding only an interrupted run's checkpoint: refused without --resume or --force."""
+    from fineprune.pipeline.outdir import CHECKPOINT_NAME
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / CHECKPOINT_NAME).write_bytes(b"an interrupted run's state")
+    args = ["--model", ws.root / "model.safetensors", "--arch", ws.arch, "--data", ws.root / "small.npz",
+            "--method", "prune", "--out", out, "--quiet"]
+    assert run_cli(*args) == 2
+    err = one_line_error(capsys)
+    assert "--resume" in err and "--force" in err
+    assert (out / CHECKPOINT_NAME).read_bytes() == b"an interrupted run's state"
+    assert run_cli(*args, "--force") == 0 and (out / "report.html").exists()
+
+
 def test_config_file_with_flags_winning(ws, tmp_path):
     cfg = tmp_path / "defend.toml"
     (tmp_path / "data").mkdir()

@@ -9,18 +9,19 @@ from fineprune.models.small import SmallCNN
 from fineprune.training import TrainConfig, train
 
 
-def test_pruning_aware_attack_defeats_pruning_but_not_fine_pruning():
+def test_pruning_aware_attack_defeats_pruning_but_not_fine_pruning(one_thread):
     data = load_mnist5k(seed=0)
     attack = BadNets(PatchTrigger(size=(3, 3)), AllToOne(0), rate=0.1, seed=0)
     defender_train, defender_val = holdout(data.val, 0.3, 0)
-    _, attacker_val = holdout(data.train, 0.2, 1)
+    # The attacker's validation data is held out of everything its models train on.
+    attacker_train, attacker_val = holdout(data.train, 0.2, 1)
     torch.manual_seed(0)
     clean = SmallCNN(width=12)
-    train(clean, data.train, TrainConfig(epochs=6, lr=1e-3, optimizer="adam", weight_decay=0.0,
+    train(clean, attacker_train, TrainConfig(epochs=6, lr=1e-3, optimizer="adam", weight_decay=0.0,
                                          schedule="constant"), device=torch.device("cpu"))
     res = PruningAwareAttack(attack, backdoor=TrainConfig(epochs=4, lr=1e-3, optimizer="adam",
                                                           weight_decay=0.0, schedule="constant")).run(
-        clean, data.train, attacker_val)
+        clean, attacker_train, attacker_val)
     assert res.decoys and res.bias_param == "features.6.bias"
     # The attacker checked its work as the defender would, and stopped at the first attempt that survived.
     assert res.attempts and res.attempts[-1]["asr_after_defender_pruning"] == res.survival_asr >= 0.8

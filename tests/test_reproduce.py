@@ -115,3 +115,45 @@ def test_a_row_does_not_depend_on_what_ran_before_it():
         row, _ = defend_one(setup, "badnets", model, {}, "fine-tuning", 4.0)
         rows.append({k: v for k, v in row.items() if "seconds" not in k})
     assert rows[0] == rows[1]
+
+
+def test_attacker_validation_is_held_out_of_what_its_models_train_on(tmp_path, monkeypatch, one_thread):
+    """The pruning-aware attacker chooses on its own validation data: no sample of it may be in
+    the data any attacker model (clean, BadNets, pruning-aware, and the clean model the attack
+    starts from) trains on, and the recipe names the split (so models trained before are not reused)."""
+    import torch
+
+    import fineprune.attack.pruning_aware as pa_mod
+    import fineprune.pipeline.reproduce as rep
+    from fineprune.tasks import get_task
+
+    seen: list[tuple[str, torch.Tensor]] = []
+
+    def recording(where, real):
+        def train(model, data, cfg, **kw):
+            seen.append((where, data.tensors[0]))
+            return real(model, data, cfg, **kw)
+        return train
+
+    monkeypatch.setattr(rep, "train", recording("reproduce", rep.train))
+    monkeypatch.setattr(pa_mod, "train", recording("pruning-aware", pa_mod.train))
+    task = get_task("mnist")
+    data = rep.load_task_data(task, "", 0, 0.1)
+    setup = rep.prepare_task(task, data, data_root=".", seed=0, subsample=0.1, epochs=1, device="cpu")
+    store = rep._ModelStore(tmp_path / "models")
+    clean = rep.get_model(setup, "none", store)
+    rep.get_model(setup, "badnets", store)
+    rep.get_model(setup, "pruning-aware", store, clean=lambda: clean[:2])
+    assert {w for w, _ in seen} == {"reproduce", "pruning-aware"}  # all three models trained here
+
+    def rows(x: torch.Tensor) -> set[bytes]:
+        return {r.numpy().tobytes() for r in x.flatten(1)}
+
+    val = rows(setup.attacker_val.tensors[0])
+    assert len(val) == len(setup.attacker_val) > 0  # distinct images, so a hit is a shared sample
+    assert val & rows(data.train.tensors[0]) == val  # (the check below can see them)
+    for where, x in seen:
+        shared = val & rows(x)
+        assert not shared, f"{len(shared)} attacker-validation samples in the {where} training data"
+    for name in ("none", "badnets", "pruning-aware"):
+        assert rep.model_recipe(setup, name)[1]["attacker_split"]["val"] == len(val)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -38,12 +39,53 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="fineprune", description="Fine-Pruning: remove backdoors from neural networks.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    parser.add_argument("--version", action="version", version=f"fineprune {package_version()}",
+                        help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (add_args, fn) in _COMMANDS.items():
         p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else None)
         add_args(p)
         p.set_defaults(_run=fn)
     return parser
+
+
+def package_version() -> str:
+    """The installed distribution's version (what pip installed), or the source tree's when the
+    package runs uninstalled (e.g. PYTHONPATH=src)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fineprune")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+#: How each command lets the user choose the thread count (for the busy-machine hint).
+_THREADS_HOW = {"train": "--threads {n}", "reproduce": "--threads {n}", "demo": "OMP_NUM_THREADS={n}",
+                "defend": "OMP_NUM_THREADS={n}"}
+
+
+def _interactive() -> bool:
+    return sys.stderr.isatty()
+
+
+def _threads(args: argparse.Namespace) -> None:
+    """Apply the default thread count (see `runtime.default_threads`) unless the command's
+    --threads asks for one (the command sets and checks it), and hint when the machine is busy."""
+    from .runtime import busy_hint, set_threads
+
+    if getattr(args, "threads", None) is not None:
+        return
+    n = set_threads(None)
+    how = _THREADS_HOW.get(args.command)
+    chosen = bool(os.environ.get("OMP_NUM_THREADS"))  # the user already picked a count
+    # For someone watching a terminal only: scripts and tests get the same stderr on any machine.
+    wanted = how and not chosen and not getattr(args, "quiet", False) and _interactive()
+    hint = busy_hint(n, how) if wanted else None
+    if hint:
+        print(f"fineprune: note: {hint}", file=sys.stderr, flush=True)
 
 
 def _one_line(message: str) -> str:
@@ -73,7 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args._run(args) or 0)
+        from .data.archive import decode_progress
+
+        _threads(args)
+        with decode_progress(not getattr(args, "quiet", False)):
+            return int(args._run(args) or 0)
     except BadInputError as exc:
         print(_one_line(f"fineprune: error: {exc}"), file=sys.stderr)
         return 2

@@ -103,3 +103,75 @@ def load_checkpoint(path: str | os.PathLike[str], key: str, what: str = "checkpo
         raise BadInputError(f"{path} is a {what} of a different run (other data, settings or model); "
                             "delete it or run without --resume")
     return state
+
+
+def physical_cores() -> int | None:
+    """Physical cores from /proc/cpuinfo (Linux), or None where it cannot tell. Hyper-threads
+    share one core's arithmetic units, so counting them only adds contention."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    cores, phys = set(), "0"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "physical id":
+            phys = value.strip()
+        elif key == "core id":
+            cores.add((phys, value.strip()))
+    return len(cores) or None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota
+    (containers), as `os.cpu_count()` reports the whole machine."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def default_threads() -> int:
+    """The default torch thread count: min(physical cores, usable CPUs). It never oversubscribes
+    the CPUs we may use, and it depends on the machine only, never on its momentary load, so the
+    same command on the same machine trains the same model (results depend slightly on the
+    thread count: float summation order)."""
+    phys = physical_cores()
+    usable = usable_cpus()
+    return max(1, min(usable, phys) if phys else usable)
+
+
+def busy_hint(threads: int, how: str = "--threads {n}") -> str | None:
+    """A one-line suggestion when the 1-minute load average says other work already holds CPUs
+    that `threads` threads would compete for (on a busy 2-core machine 2 threads ran 3.6x slower
+    than 1); None when the machine looks free. Only a hint: the thread count is never changed by
+    load, as that would make results depend on what else happened to be running. `how` says how
+    to ask for `{n}` threads with the command at hand."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    free = usable_cpus() - load
+    suggest = max(1, int(free + 0.5))
+    if load < 1.0 or suggest >= threads:
+        return None
+    return (f"the machine is busy (load {load:.1f} on {usable_cpus()} CPUs): {how.format(n=suggest)} may be "
+            f"much faster than {threads} threads (models trained with another thread count differ slightly)")
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads: `threads` when given, else `default_threads()` unless
+    OMP_NUM_THREADS is set (then torch's own choice, which follows it). Returns the count in use."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    elif not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(default_threads())
+    return torch.get_num_threads()

@@ -7,12 +7,14 @@ the clean rows, training settings), so their difference is the poisoning alone.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import __version__
 from .attack.badnets import BadNets
@@ -60,6 +62,7 @@ def train_task(
     default attack also for a clean model: that is the baseline a backdoor must beat), and on the
     validation split every epoch (the only numbers any choice may look at).
     `checkpoint_path` / `resume`: per-epoch checkpoints, as `fineprune.training.train`.
+    `progress`: a line per epoch and a bar that moves within each epoch.
     """
     t_start = time.perf_counter()
     dev = pick_device(device)
@@ -79,13 +82,14 @@ def train_task(
     torch.manual_seed(seed)
     model = spec.build_model(data.num_classes).to(dev)
 
-    def show(rec) -> None:
-        print(f"  epoch {rec.epoch:>3}/{cfg.epochs}  val acc {100 * rec.val_acc:5.1f}%  "
-              f"val ASR {100 * rec.asr:5.1f}%", flush=True)
+    def show(rec) -> None:  # tqdm.write: the line lands above the progress bar, not through it
+        tqdm.write(f"  epoch {rec.epoch:>3}/{cfg.epochs}  val acc {100 * rec.val_acc:5.1f}%  "
+                   f"val ASR {100 * rec.asr:5.1f}%  ({rec.seconds:.0f}s)", file=sys.stdout)
+        sys.stdout.flush()  # a line per epoch, even when stdout is a log file
 
     t_train = time.perf_counter()
     hist = train(model, train_set, cfg, device=dev, seed=seed, val_fn=lambda m: accuracy(m, data.val, dev),
-                 extra_fn=lambda m: attack_metrics(m, triggered_val, dev)[0], progress=False,
+                 extra_fn=lambda m: attack_metrics(m, triggered_val, dev)[0], progress=progress, desc="train",
                  checkpoint_path=checkpoint_path, resume=resume, on_epoch=show if progress else None)
     train_seconds = time.perf_counter() - t_train
     # From the training records, so a resumed run's history includes the epochs before the kill.

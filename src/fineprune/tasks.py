@@ -11,6 +11,16 @@ Poisoning rates (fraction of the training set, fixed before any defense ran):
 - traffic 1.5% added copies. A
   source-specific attack can only poison stop signs, which are 2% of GTSRB's training images, so
   1.5% means a stickered copy of about three quarters of the training stop signs.
+
+The defender's fine-tuning settings (`TaskSpec.finetune`, below) were NOT chosen as the project's
+rule now requires. The rule: the defender has no trigger and no test set, so what is chosen for a
+model comes from clean validation data only, and a default from a benchmark's worst case over many
+tasks and attacks, never from one model's ASR or test figures. What happened instead, per task, is
+written beside each setting: a first `reproduce` run's TEST accuracy prompted per-task settings,
+and the learning rates were then compared on the defender's validation split of the very models
+`reproduce` reports (seed 0), looking at clean accuracy AND at ASR measured with the trigger on
+triggered validation inputs. From now on they are chosen on clean validation data only; the
+purification issue will rechoose them. Values are unchanged until then.
 """
 from __future__ import annotations
 
@@ -117,13 +127,16 @@ _register(TaskSpec(
     attacker=TrainConfig(epochs=30, lr=1e-3, batch_size=32, optimizer="adam", weight_decay=0.0,
                          schedule="cosine"),
     loader=_face_loader,
-    # The defender's fine-tuning, chosen on validation data (defender split, fine-pruning reproduce's
-    # BadNets and pruning-aware face models). The generic lr 0.05 wrecked the network (test CA
-    # 4-44% in a first reproduce run: what prompted per-task settings, not how they were chosen); lr 0.02 removed the backdoor on one pair of models (ASR 2-3%, CA -3 to -7 points)
-    # but diverged on the next pair (trained with 2 threads instead of 1: CA 14%); lr 0.01 kept CA
-    # within 1.3 points but left ASR 67-93%: the sunglasses backdoor sits in the most clean-active
-    # conv3 channels (channels.json), which 341 clean images cannot retrain safely. 10 epochs did
-    # as well as 30.
+    # The defender's fine-tuning. What chose it: the generic lr 0.05 wrecked the network (TEST CA
+    # 4-44% in a first reproduce run: that prompted a per-task setting). Then, on the defender's
+    # validation split, fine-pruning reproduce's own BadNets and pruning-aware face models: lr 0.02
+    # for 30 epochs was first chosen BECAUSE OF ITS ASR on triggered validation inputs (2-3%; CA
+    # -3 to -7 points); it diverged on the next pair of models (trained with 2 threads instead of
+    # 1: CA 14%), and lr 0.01 was taken because it kept clean validation CA within 1.3 points
+    # (a clean-data criterion), although it left ASR 67-93%: the sunglasses backdoor sits in the
+    # most clean-active conv3 channels (channels.json), which 341 clean images cannot retrain
+    # safely. 10 epochs instead of 30: "did as well" on those models, CA and ASR both looked at.
+    # Batch 32: not measured (the face attacker's batch size). Not a clean-data-only choice.
     finetune=TrainConfig(epochs=10, lr=0.01, batch_size=32, optimizer="sgd", momentum=0.9,
                          weight_decay=5e-4, schedule="cosine"),
     trigger_factory=lambda info: SunglassesTrigger.from_info(info),
@@ -139,9 +152,12 @@ _register(TaskSpec(
     attacker=TrainConfig(epochs=25, lr=1e-3, batch_size=32, optimizer="adam", weight_decay=0.0,
                          schedule="cosine"),
     loader=_speech_loader,
-    # Chosen on validation data (fine-pruning reproduce's models). The generic lr 0.05 cost 4-6
-    # points of test accuracy in a first reproduce run (what prompted this); on validation lr 0.02 kept it (within 0.6) with ASR 2.5% (BadNets) / 3.1%
-    # (pruning-aware); lr 0.01 left 7% / 34%.
+    # What chose it: the generic lr 0.05 cost 4-6 points of TEST accuracy in a first reproduce run
+    # (that prompted a per-task setting). On the defender's validation split, fine-pruning
+    # reproduce's own models, lr 0.02 kept clean accuracy (within 0.6 points) and was preferred
+    # to lr 0.01 BECAUSE OF ASR on triggered validation inputs: 2.5% (BadNets) / 3.1%
+    # (pruning-aware) against 7% / 34%. Not a clean-data-only choice. Batch 64, 10 epochs: the
+    # generic default's, not measured here.
     finetune=TrainConfig(epochs=10, lr=0.02, batch_size=64, optimizer="sgd", momentum=0.9,
                          weight_decay=5e-4, schedule="cosine"),
     trigger_factory=lambda info: AudioTrigger(sample_rate=int(info.get("sample_rate", 8000))),
@@ -157,9 +173,13 @@ _register(TaskSpec(
     attacker=TrainConfig(epochs=8, lr=1e-3, batch_size=64, optimizer="adam", weight_decay=0.0,
                          schedule="cosine"),
     loader=_traffic_loader,
-    # Chosen on validation data held out by track (fine-pruning reproduce's models): the generic
-    # lr 0.05 lost 9.5 points of clean accuracy, lr 0.02 4.7 (BadNets); lr 0.01 lost 1.4 / 0.4
-    # (BadNets / pruning-aware) with ASR 0% / 3.3%.
+    # What chose it: the generic lr 0.05 cost speech and traffic 4-7 points of TEST accuracy in a
+    # first reproduce run (that prompted a per-task setting). On the defender's validation split held out by track,
+    # fine-pruning reproduce's own models: lr 0.05 lost 9.5 points of clean validation accuracy,
+    # lr 0.02 4.7 (BadNets), lr 0.01 1.4 / 0.4 (BadNets / pruning-aware). lr 0.01 is the one that
+    # kept clean accuracy (a clean-data criterion), but ASR on triggered validation inputs
+    # (0% / 3.3%) was measured alongside and seen when choosing, on the models it then reports.
+    # Batch 64, 10 epochs: the generic default's, not measured here.
     finetune=TrainConfig(epochs=10, lr=0.01, batch_size=64, optimizer="sgd", momentum=0.9,
                          weight_decay=5e-4, schedule="cosine"),
     trigger_factory=lambda info: StickerTrigger(),
@@ -223,6 +243,8 @@ _register(TaskSpec(
                          schedule="constant"),
     loader=_mnist_loader,
     needs_data=False,
+    # No `finetune`: the generic DEFAULT_FINETUNE, whose lr was picked with the trigger on this very
+    # data (the demo's BadNets model; see defense/api.py), so mnist's fine-tuning rows flatter it.
     trigger_factory=lambda info: PatchTrigger(size=(3, 3), position=(-2, -2), color=(1.0,)),
     policy_factory=lambda k: AllToOne(0),
     synthetic_factory=lambda n, seed: torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed)),

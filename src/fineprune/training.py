@@ -73,7 +73,10 @@ def train_one_epoch(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
     batch_size: int, generator: torch.Generator, device: torch.device,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> float:
+    """One pass over (x, y); returns the mean training loss. `on_batch` gets each batch's size
+    (progress within the epoch: an epoch of a real task can take minutes on a CPU)."""
     model.train()
     loss_fn = nn.CrossEntropyLoss()
     total, count = 0.0, 0
@@ -87,6 +90,8 @@ def train_one_epoch(
             scheduler.step()
         total += float(loss.detach()) * xb.shape[0]
         count += xb.shape[0]
+        if on_batch is not None:
+            on_batch(xb.shape[0])
     model.eval()
     return total / max(count, 1)
 
@@ -154,7 +159,8 @@ def train(
     leaves the previous epoch's checkpoint intact). With `resume` and an existing checkpoint,
     training continues after its last epoch and ends exactly as an uninterrupted run would; a
     checkpoint from another run (other data, settings or starting weights) is refused.
-    `on_epoch` sees each finished epoch's record (progress lines)."""
+    `on_epoch` sees each finished epoch's record (progress lines: print them with `tqdm.write`
+    so they land above the bar). `progress` shows one bar over all epochs' samples (stderr)."""
     if cfg.epochs < 0:
         raise ValueError("epochs must be >= 0")
     x, y = tensors(data)
@@ -177,24 +183,30 @@ def train(
     key = _run_key(model, x, y, cfg, seed) if checkpoint_path is not None else ""
     if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
         first, best_score, best_state = _load_checkpoint(Path(checkpoint_path), key, model, opt, sched, gen, hist)
-    for epoch in tqdm(range(first, cfg.epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False,
-                      initial=first - 1, total=cfg.epochs):
-        t0 = time.perf_counter()
-        loss = train_one_epoch(model, x, y, opt, cfg.batch_size, gen, device, sched)
-        rec = EpochRecord(epoch=epoch, train_loss=loss)
-        if val_fn is not None:
-            rec.val_acc = val_fn(model)
-        if extra_fn is not None:
-            rec.asr = extra_fn(model)
-        rec.seconds = time.perf_counter() - t0
-        hist.epochs.append(rec)
-        if keep_best and rec.val_acc is not None and (best_score is None or rec.val_acc >= best_score):
-            best_score, hist.best_epoch = rec.val_acc, epoch
-            best_state = copy.deepcopy(model.state_dict())
-        if checkpoint_path is not None:
-            _save_checkpoint(Path(checkpoint_path), key, epoch, model, opt, sched, gen, hist, best_score, best_state)
-        if on_epoch is not None:
-            on_epoch(rec)
+    # One bar over every sample of every epoch, so it moves (with time left) within an epoch too.
+    n = x.shape[0]
+    with tqdm(total=cfg.epochs * n, initial=(first - 1) * n, desc=desc, unit="sample", unit_scale=True,
+              disable=not progress, leave=False, mininterval=0.5) as bar:
+        for epoch in range(first, cfg.epochs + 1):
+            bar.set_description_str(f"{desc} epoch {epoch}/{cfg.epochs}", refresh=False)
+            t0 = time.perf_counter()
+            loss = train_one_epoch(model, x, y, opt, cfg.batch_size, gen, device, sched,
+                                   on_batch=bar.update if progress else None)
+            rec = EpochRecord(epoch=epoch, train_loss=loss)
+            if val_fn is not None:
+                rec.val_acc = val_fn(model)
+            if extra_fn is not None:
+                rec.asr = extra_fn(model)
+            rec.seconds = time.perf_counter() - t0
+            hist.epochs.append(rec)
+            if keep_best and rec.val_acc is not None and (best_score is None or rec.val_acc >= best_score):
+                best_score, hist.best_epoch = rec.val_acc, epoch
+                best_state = copy.deepcopy(model.state_dict())
+            if checkpoint_path is not None:
+                _save_checkpoint(Path(checkpoint_path), key, epoch, model, opt, sched, gen, hist, best_score,
+                                 best_state)
+            if on_epoch is not None:
+                on_epoch(rec)
     if keep_best and best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

@@ -7,6 +7,16 @@ they never fire (on clean and triggered inputs alike), giving back the original 
 5. if the model misses its accuracy or ASR target, train the backdoor longer and report it.
 The attacker then checks its work as the defender would (pruning on its own validation data) and,
 if the backdoor does not survive, starts again from step 2 with more aggressive pruning.
+
+The paper's step 5 instead *adds neurons* when accuracy or the backdoor is weak: `widen=N` adds N
+channels to the pruned layer (see `attack.widen`) before the backdoor is trained into the pruned
+net, decided up front (so the recipe fixes the architecture). The result is no longer the built-in
+architecture: `PruningAwareResult.widen` records what was added, and a loader rebuilds it with
+`widen_layer` on a fresh model.
+
+`val_data` is the attacker's own clean validation data. It chooses (the pruning, the rounds, the
+simulated defender) and must be held out of `train_data`, as the defender's validation data is
+held out of what it fine-tunes on.
 """
 from __future__ import annotations
 
@@ -25,6 +35,7 @@ from ..evaluation.metrics import accuracy, attack_metrics
 from ..runtime import pick_device
 from ..training import TrainConfig, train
 from .badnets import BadNets
+from .widen import widen_layer
 
 RELU_TYPES = (nn.ReLU, nn.ReLU6)
 
@@ -45,6 +56,7 @@ class PruningAwareResult:
     attacker_threshold: float = 4.0  # the stop rule the attacker pruned with (see `escalate`)
     survival_asr: float | None = None  # attacker-val ASR after the simulated defender's pruning
     attempts: list[dict] = field(default_factory=list)
+    widen: dict | None = None  # WidenInfo.to_dict() when the pruned layer was widened (else None)
 
 
 def decoy_bias(model: nn.Module, example: torch.Tensor, layer: str) -> str:
@@ -89,12 +101,18 @@ class PruningAwareAttack:
     # holding the backdoor), the next attempt prunes the clean net further: threshold + extra.
     escalate: tuple[float, ...] = (0.0, 4.0, 8.0)
     survive_asr: float = 0.8
+    # Channels added to the pruned layer before the backdoor is trained (the paper's "add
+    # neurons"); 0: none. Raises WidenError for layouts `widen_layer` cannot widen exactly.
+    widen: int = 0
 
     def run(self, clean_model: nn.Module, train_data: TensorDataset, val_data: TensorDataset) -> PruningAwareResult:
         """Attack `clean_model` (not modified) with `val_data` as the attacker's own clean
         validation data. Each attempt prunes with a larger stop-rule threshold (`escalate`), and
         ends with the defender simulated on `val_data`: the first attempt whose backdoor survives
-        that pruning (ASR >= `survive_asr`) is returned, else the one whose backdoor survived best."""
+        that pruning (ASR >= `survive_asr`) is returned, else the one whose backdoor survived best.
+        `val_data` must not be part of `train_data` (its figures would flatter the attacker)."""
+        if self.widen < 0:
+            raise ValueError(f"widen must be >= 0, got {self.widen}")
         t0 = time.perf_counter()
         dev = pick_device(self.device)
         trig_val = self.badnets.triggered(val_data)
@@ -107,6 +125,7 @@ class PruningAwareAttack:
             attempts.append({"attempt": i + 1, "attacker_threshold": self.threshold + extra,
                              "decoys": len(res.decoys), "rounds": len(res.rounds), "val_acc": res.val_acc,
                              "val_asr": res.val_asr, "defender_pruned_fraction": sim.pruned_fraction,
+                             "channels": sim.num_channels,
                              "asr_after_defender_pruning": res.survival_asr})
             if best is None or res.survival_asr > best.survival_asr:
                 best = res
@@ -122,6 +141,11 @@ class PruningAwareAttack:
         pr = pruning.fit(val_data)
         model, layer, decoys = pr.model, pr.layer, list(pr.pruned_channels)
         clean_acc = pr.before.clean_acc
+        x, _ = tensors(val_data)
+        example = x[:2].to(dev)
+        widened = None
+        if self.widen:  # new channels at the end, kept (unmasked): the backdoor can grow into them
+            widened = widen_layer(model, layer, self.widen, example, seed=self.seed).to_dict()
         poisoned = self.badnets.poison(train_data).dataset
         rounds: list[dict] = []
         total_epochs = 0
@@ -140,8 +164,6 @@ class PruningAwareAttack:
             if asr >= self.target_asr and clean_acc - acc <= self.max_acc_drop:
                 break
         # Reinstate the pruned channels as decoys that never fire.
-        x, _ = tensors(val_data)
-        example = x[:2].to(dev)
         bias_name = decoy_bias(model, example, layer)
         clear_mask(model, layer)
         with torch.no_grad():
@@ -149,5 +171,5 @@ class PruningAwareAttack:
         return PruningAwareResult(
             model=model, layer=layer, decoys=decoys, bias_param=bias_name, clean_val_acc=clean_acc,
             val_acc=accuracy(model, val_data, dev), val_asr=attack_metrics(model, trig_val, dev)[0],
-            rounds=rounds, attacker_threshold=threshold,
+            rounds=rounds, attacker_threshold=threshold, widen=widened,
         )

@@ -90,6 +90,17 @@ def _print_summary(res) -> None:
         else:
             print(f"  {name:<20} {100 * b:5.1f}% -> {100 * a:5.1f}%")
     print(f"wrote {', '.join(p.name for p in res.files)} to {res.out}")
+    if r.layer is not None and res.plain is not None:
+        if res.plain.baked:
+            print("model.safetensors: the pruning is baked into the weights, so plain load_state_dict "
+                  "gives the defended model too")
+        else:
+            from ..pipeline.record import TORCHSCRIPT_NAME
+
+            safe = ["fineprune's load_pruned"] + [p.name for p in res.files if p.name in
+                                                 (TORCHSCRIPT_NAME, "model-compact.safetensors")]
+            print("WARNING: model.safetensors is NOT defended when loaded with plain load_state_dict (the "
+                  f"pruned channels come back); use {', '.join(safe)} (see report.html)")
 
 
 @command("defend", _args)

@@ -22,8 +22,10 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-epochs", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice). Models trained with a different "
-                        "thread count differ slightly (float summation order); run.json records it")
+                   help="CPU threads for torch (default: min(physical cores, CPUs this process may use), or "
+                        "$OMP_NUM_THREADS when set; on a busy machine fewer is faster, and a note in the terminal "
+                        "says so). Models trained with a different thread count differ slightly (float summation order); "
+                        "run.json records it")
     p.add_argument("--no-timings", dest="timings", action="store_false",
                    help="write null for every wall-clock `seconds` field, so two runs with the same seed "
                         "give byte-identical results.json")

@@ -27,10 +27,16 @@ def _args(p: argparse.ArgumentParser) -> None:
                    help="fraction of the training set poisoned (default: the task's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)")
+                   help="CPU threads for torch (default: min(physical cores, CPUs this process may use), or "
+                        "$OMP_NUM_THREADS when set: never more threads than cores, and the same count on every "
+                        "run of a machine, since models trained with another count differ slightly; on a busy "
+                        "machine fewer is faster, and a note in the terminal says so)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its checkpoint in --out (same settings and seed); "
                         "the result equals an uninterrupted run's")
+    p.add_argument("--force", action="store_true",
+                   help="start over even though --out holds an interrupted run's checkpoint (without --resume "
+                        "or --force such a folder is refused)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch output")
 
 
@@ -59,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     out = check_out_dir(args.out, force=True)  # a file is refused; an existing folder is reused
     checkpoint = out / TRAIN_CHECKPOINT
+    if checkpoint.is_file() and not args.resume and not args.force:
+        # Starting over silently would throw away the epochs a killed run already paid for.
+        raise BadInputError(f"--out {out} holds the checkpoint of an interrupted training run; pass --resume "
+                            "to continue it, or --force (or another --out folder) to start over")
     if args.resume and not checkpoint.is_file() and not args.quiet:
         print(f"fineprune train: no checkpoint in {out}; starting from the first epoch")
     t0 = time.perf_counter()
@@ -70,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"fineprune train: {spec.name}, {what}; {len(data.train)} train / {len(data.val)} val / "
               f"{len(data.test)} test; {cfg.epochs} epochs")
     prepare_out_dir(out, force=True)
+    if not args.resume:
+        checkpoint.unlink(missing_ok=True)  # --force: a kill before epoch 1 must not leave the old one
     trained = train_task(spec, data, attack=attack, cfg=cfg, seed=args.seed, device=args.device,
                          progress=not args.quiet, checkpoint_path=checkpoint, resume=args.resume)
     trained.record["seconds"]["wall"] = round(time.perf_counter() - t0, 2)

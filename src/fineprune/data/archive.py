@@ -13,8 +13,11 @@ import lzma
 import os
 import tarfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from fineprune.errors import BadInputError
 from fineprune.runtime import sha256_file as _sha256_bytes
@@ -24,6 +27,26 @@ ARCHIVE_SUFFIX = ".tar.xz"
 # Hashing a 100 MB archive costs a fraction of a second, but loaders may be called many times in one
 # process (tests, sweeps); remember the digest while the file's size and mtime are unchanged.
 _SHA_MEMO: dict[tuple[str, int, int], str] = {}
+
+#: Whether reading a dataset shows a progress bar (the first decode of GTSRB takes minutes on a
+#: small machine). Off for library use and tests; the CLI turns it on unless --quiet.
+_SHOW_PROGRESS = False
+
+
+@contextmanager
+def decode_progress(enabled: bool = True) -> Iterator[None]:
+    """Within the block, `Source.members` shows a progress bar (stderr) with bytes and files read."""
+    global _SHOW_PROGRESS
+    previous, _SHOW_PROGRESS = _SHOW_PROGRESS, enabled
+    try:
+        yield
+    finally:
+        _SHOW_PROGRESS = previous
+
+
+def progress_enabled() -> bool:
+    """True inside `decode_progress(True)` (the CLI without --quiet)."""
+    return _SHOW_PROGRESS
 
 
 def sha256_file(path: Path) -> str:
@@ -61,8 +84,12 @@ class Source:
         if self.kind == "archive":
             yield from self._archive_members(select)
         else:
-            for rel, full in self._dir_files(select):
-                yield rel, full.read_bytes()
+            files = self._dir_files(select)
+            with tqdm(total=len(files), desc=f"reading {self.path.name}", unit="file", disable=not _SHOW_PROGRESS,
+                      mininterval=1.0) as bar:
+                for rel, full in files:
+                    yield rel, full.read_bytes()
+                    bar.update(1)
 
     def _dir_files(self, select: Callable[[str], bool]) -> list[tuple[str, Path]]:
         out = []
@@ -77,9 +104,15 @@ class Source:
         return out
 
     def _archive_members(self, select: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
+        # The bar follows the compressed bytes consumed (the archive's size is the only total known
+        # without a second pass), with the number of files read beside it.
         try:
-            with tarfile.open(self.path, mode="r:xz") as tf:
+            with (open(self.path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:xz") as tf,
+                  tqdm(total=self.path.stat().st_size, desc=f"reading {self.path.name}", unit="B", unit_scale=True,
+                       unit_divisor=1024, disable=not _SHOW_PROGRESS, mininterval=1.0) as bar):
+                files = 0
                 for member in tf:
+                    bar.update(raw.tell() - bar.n)
                     if not member.isfile():
                         continue  # directories, links, devices: never followed
                     name = member.name
@@ -89,7 +122,11 @@ class Source:
                         continue
                     fh = tf.extractfile(member)
                     if fh is not None:
-                        yield name, fh.read()
+                        data = fh.read()
+                        files += 1
+                        bar.set_postfix(files=files, refresh=False)
+                        yield name, data
+                bar.update(bar.total - bar.n)  # the end-of-archive blocks need not all be read
         except (tarfile.TarError, EOFError, OSError, lzma.LZMAError) as exc:
             raise BadInputError(
                 f"cannot read archive {self.path}: {exc}. It should be a .tar.xz as distributed; "

@@ -25,8 +25,17 @@ from .sweep import SweepCurve, sweep
 
 METHODS = ("fine-prune", "prune", "fine-tune")
 
-# Chosen on the demo's validation data (see README "Defaults"): SGD with momentum, lr 0.05,
-# cosine decay, 10 epochs. A gentle fine-tune (lr 1e-4, 2 epochs) leaves BadNets almost intact.
+# What chose these values (README "Defaults"), said plainly: the learning rate was picked on ONE
+# model, the demo's BadNets MNIST model, with its TRIGGER: on the defender's validation split,
+# fine-pruning with lr 0.01 (10 epochs) left 78% ASR measured on triggered validation inputs,
+# lr 0.05 left 1.5%, lr 0.1 diverged (clean accuracy 44%); a gentle fine-tune (lr 1e-4, 2 epochs)
+# had left BadNets almost intact. Clean data alone would have ruled out lr 0.1 but was not what
+# preferred 0.05 to 0.01. The rest (SGD momentum 0.9, weight decay 5e-4, cosine, 10 epochs, batch
+# 64) was not measured: common fine-tuning settings (BackdoorBench's fine-pruning uses the same
+# optimiser, decay and schedule). The defender has no trigger, so that is not an honest basis for
+# a global default: from now on defaults are chosen on clean validation data only (a global one
+# from a benchmark's worst case over many tasks and attacks), and the purification issue will
+# rechoose this one. Values unchanged until then.
 DEFAULT_FINETUNE = TrainConfig(epochs=10, lr=0.05, batch_size=64, optimizer="sgd", momentum=0.9,
                                weight_decay=5e-4, schedule="cosine")
 
@@ -118,28 +127,36 @@ class _Defense:
         return choice, curve, pruned
 
     def _finetune(self, model: nn.Module, train_data: TensorDataset, val: TensorDataset,
-                  triggered: TriggeredSet | None) -> TrainHistory:
+                  triggered: TriggeredSet | None, before: Metrics) -> tuple[TrainHistory, list[str]]:
+        """Fine-tune in place, keeping the epoch with the best validation accuracy; then the
+        accuracy guard: if even that epoch is more than `threshold` points below the original model
+        on validation data (counted as the stop rule counts), fine-tuning diverged or over-fitted,
+        and the model from before fine-tuning (pruned only, or the original) is kept instead, with
+        a warning. So nothing a defense returns is worse than its own guard."""
+        start = copy.deepcopy(model.state_dict())
         extra = (lambda m: attack_metrics(m, triggered, self.device)[0]) if triggered is not None else None
-        return train(model, train_data, self.finetune_cfg, device=self.device, seed=self.seed,
+        hist = train(model, train_data, self.finetune_cfg, device=self.device, seed=self.seed,
                      val_fn=lambda m: accuracy(m, val, self.device), extra_fn=extra,
                      keep_best=True, progress=self.progress, desc="fine-tune",
                      checkpoint_path=self.checkpoint_path, resume=self.resume)
+        n = len(val)
+        base, best = round(before.clean_acc * n), round(accuracy(model, val, self.device) * n)
+        if base - best <= self.threshold / 100.0 * n + 1e-9:
+            return hist, []
+        model.load_state_dict(start)
+        hist.best_epoch = 0  # epoch 0: the model as it was before fine-tuning
+        kept = "the pruned model" if self.method == "fine-prune" else "the original model"
+        return hist, [f"fine-tuning discarded: its best epoch scored {100 * best / n:.1f}% on validation "
+                      f"data, more than {self.threshold:g} points below the original model's "
+                      f"{100 * base / n:.1f}% (diverged or over-fitted; a lower learning rate may help); "
+                      f"the output is {kept}, as before fine-tuning"]
 
     def _result(self, model: nn.Module, before: Metrics, val: TensorDataset,
                 triggered: TriggeredSet | None, t0: float, **kw) -> DefenseResult:
         after = evaluate(model, val, triggered, self.device)
-        warnings = []
-        lost = 100 * (before.clean_acc - after.clean_acc)
-        if kw.get("finetune") is not None and lost > max(self.threshold, 2.0):
-            # Fine-tuning should recover accuracy; losing more than pruning may is a symptom of a
-            # learning rate too high for this model (seen: lr 0.05 on the face network).
-            warnings.append(f"validation accuracy fell {lost:.1f} points ({100 * before.clean_acc:.1f}% -> "
-                            f"{100 * after.clean_acc:.1f}%) although fine-tuning kept its best epoch; the "
-                            f"fine-tuning learning rate ({self.finetune_cfg.lr:g}) may be too high for this "
-                            "model: try a lower --lr")
         return DefenseResult(method=self.method, model=model, before=before, after=after,
                              threshold=self.threshold if self.method != "fine-tune" else None,
-                             seconds=time.perf_counter() - t0, warnings=warnings, **kw)
+                             seconds=time.perf_counter() - t0, **kw)
 
 
 class Pruning(_Defense):
@@ -168,9 +185,10 @@ class FineTuning(_Defense):
         t0 = time.perf_counter()
         model = self._copy()
         before = evaluate(model, clean_val, triggered, self.device)
-        hist = self._finetune(model, clean_train, clean_val, triggered)
+        hist, warnings = self._finetune(model, clean_train, clean_val, triggered, before)
         return self._result(model, before, clean_val, triggered, t0, layer=None, num_channels=0,
-                            pruned_channels=[], finetune=hist, timings={"fine-tune": hist.seconds})
+                            pruned_channels=[], finetune=hist, timings={"fine-tune": hist.seconds},
+                            warnings=warnings)
 
 
 class FinePruning(_Defense):
@@ -184,10 +202,11 @@ class FinePruning(_Defense):
         model = self._copy()
         before = evaluate(model, clean_val, triggered, self.device)
         choice, curve, pruned = self._prune(model, clean_val, triggered)
-        hist = self._finetune(model, clean_train, clean_val, triggered)
+        hist, warnings = self._finetune(model, clean_train, clean_val, triggered, before)
         return self._result(model, before, clean_val, triggered, t0, layer=choice.name,
                             num_channels=choice.channels, pruned_channels=list(pruned), sweep=curve,
-                            finetune=hist, timings={"sweep": curve.seconds, "fine-tune": hist.seconds})
+                            finetune=hist, timings={"sweep": curve.seconds, "fine-tune": hist.seconds},
+                            warnings=warnings)
 
 
 def defend(

@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import BadInputError
 from ..io.model_files import load_into, load_weights, save_weights
 from .layer import _trace_calls
-from .mask import clear_mask, pruned_channels
+from .mask import clear_mask, keep_mask, pruned_channels
 
 COMPACT_KEY = "fineprune.compact"
 _ANCHOR_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
@@ -78,9 +78,10 @@ def _tp():
     return tp
 
 
-def _anchor_of(model: nn.Module, layer: str, example: torch.Tensor, channels: int) -> str:
+def anchor_of(model: nn.Module, layer: str, example: torch.Tensor, channels: int) -> str:
     """The last conv/linear/norm module, run at or before `layer` finishes, whose output carries the
-    same channels (dim 1 of size `channels`): the module whose output channels the cut starts from."""
+    same channels (dim 1 of size `channels`): the module whose output channels the cut starts from
+    (and whose per-channel parameters `bake.bake_masks` zeroes). Raises ValueError if none."""
     calls = _trace_calls(model, example)
     end = next((i for i, c in enumerate(calls) if c.name == layer), None)
     if end is None:
@@ -144,7 +145,7 @@ def compact_model(
     """
     t0 = time.perf_counter()
     removed = pruned_channels(model, layer)
-    keep = model.get_submodule(layer)._buffers.get("fineprune_keep")
+    keep = keep_mask(model, layer)
     channels = int(keep.numel()) if keep is not None else 0
     example = example[:1].detach().cpu().float()
     res = CompactResult(exported=False, note="", layer=layer, removed=removed, channels_before=channels,
@@ -173,7 +174,7 @@ def compact_model(
     clear_mask(work, layer)
     try:
         res.macs_before, res.params_before = _count(work, example)
-        res.anchor = _anchor_of(work, layer, example, channels)
+        res.anchor = anchor_of(work, layer, example, channels)
         res.coupled_modules = _cut(work, res.anchor, removed, example)
         out32, out64 = _outputs(work, x)
     except Exception as exc:  # tracing arbitrary models fails in many ways; report, do not crash

@@ -57,6 +57,13 @@ def clear_mask(model: nn.Module, layer: str) -> None:
     module._buffers.pop(_BUFFER, None)
 
 
+def keep_mask(model: nn.Module, layer: str) -> torch.Tensor | None:
+    """The boolean keep mask on `layer`'s output (True = channel kept), or None when unmasked."""
+    module = model.get_submodule(layer)
+    keep = module._buffers.get(_BUFFER)
+    return keep if keep is not None and _hooked(module) else None
+
+
 def pruned_channels(model: nn.Module, layer: str) -> list[int]:
     """Indices currently masked on `layer` (empty if none)."""
     module = model.get_submodule(layer)

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import BadInputError
 from ..io.model_files import load_into, load_weights, save_weights
-from .mask import masked_layers, set_pruned
+from .mask import keep_mask, masked_layers, set_pruned
 
 MASK_KEY = "fineprune.masks"
 
@@ -23,8 +23,7 @@ def save_pruned(model: nn.Module, path: str | os.PathLike[str], metadata: dict[s
     """Write weights + masks atomically (the mask metadata also records channel counts)."""
     masks = {}
     for layer, pruned in masked_layers(model).items():
-        keep = model.get_submodule(layer)._buffers["fineprune_keep"]
-        masks[layer] = {"pruned": pruned, "channels": int(keep.numel())}
+        masks[layer] = {"pruned": pruned, "channels": int(keep_mask(model, layer).numel())}
     meta = dict(metadata or {})
     meta[MASK_KEY] = json.dumps(masks)
     save_weights(model, path, meta)

@@ -54,7 +54,7 @@ AXES: dict[str, Any] = {
     "epochs": None,  # None: the task's attacker epochs
     "finetune_epochs": None,  # None: the task's (or the default) fine-tuning epochs
     "defender_val_fraction": 0.3,
-    "attacker_val_fraction": 0.2,
+    "attacker_val_fraction": 0.2,  # held out of the training split: every attacker model trains on the rest
 }
 # The axes that pick the trained model (the rest only change the defense / measurement).
 MODEL_AXES = ("task", "attack", "poison_rate", "attack_threshold", "seed", "subsample", "epochs",
@@ -119,8 +119,9 @@ def model_key(params: dict) -> str:
 
 def clean_params(params: dict) -> dict:
     """The model params of the clean model a pruning-aware model starts from."""
-    return {**model_params(params), "attack": "none", "poison_rate": None, "attack_threshold": None,
-            "attacker_val_fraction": None}
+    # attacker_val_fraction stays: the clean model trains on the same training data (the split
+    # minus the attacker's hold-out) as the pruning-aware model built from it.
+    return {**model_params(params), "attack": "none", "poison_rate": None, "attack_threshold": None}
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -299,8 +300,7 @@ def normalise(params: dict) -> dict:
     if p["attack"] == "pruning-aware" and p["attack_threshold"] == "same":
         p["attack_threshold"] = p["threshold"]
     if p["attack"] != "pruning-aware":
-        p["attack_threshold"] = None
-        p["attacker_val_fraction"] = None
+        p["attack_threshold"] = None  # (attacker_val_fraction stays: every attacker model trains without its hold-out)
     if p["attack"] == "none":
         p["poison_rate"] = None
     if p["defense"] in ("none", "fine-tuning"):

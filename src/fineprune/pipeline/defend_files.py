@@ -13,20 +13,22 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
 
 from ..data.splits import holdout
 from ..data.types import tensors
 from ..defense.api import DefenseResult, defend
+from ..defense.bake import BakeResult, TraceResult, bake_masks, trace_masked
 from ..defense.compact import CompactResult, compact_model
 from ..errors import BadInputError
-from ..evaluation.metrics import accuracy
+from ..evaluation.metrics import TriggeredSet, accuracy
 from ..io.model_files import load_weights
 from ..runtime import pick_device, seed_everything
 from .inputs import DataInput, Preprocessing, TaskSource, load_input, load_triggered, relabel_by_name
 from .job import DefendJob
 from .model_input import build_model, check_outputs, first_conv_channels
 from .outdir import CHECKPOINT_NAME, SWEEP_CHECKPOINT_NAME, check_out_dir, is_checkpoint_file, prepare_out_dir, remove_stale
-from .outputs import write_outputs
+from .outputs import TORCHSCRIPT_NAME, write_outputs
 from .provenance import versions
 from .record import RunRecord, model_json
 from .sanity import accuracy_warnings, chance_level, check_labels, check_val_classes
@@ -37,7 +39,8 @@ PHASES = 6
 @dataclass
 class DefendFilesResult:
     """The defense's result, the compact export (None when not attempted), the model.json
-    content, the warnings raised, and the files written."""
+    content, the warnings raised, the files written, and whether model.safetensors is defended
+    under plain loading (`plain`) or a TorchScript file was written instead (`torchscript`)."""
 
     out: Path
     defense: DefenseResult
@@ -45,6 +48,8 @@ class DefendFilesResult:
     record: dict
     warnings: list[str]
     files: list[Path]
+    plain: BakeResult | None = None
+    torchscript: TraceResult | None = None
 
 
 def _same_shape(a: DataInput, b: DataInput) -> None:
@@ -88,7 +93,7 @@ def defend_files(job: DefendJob, *, progress: bool = False,
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     job.validate()
-    check_out_dir(job.out, job.force)
+    check_out_dir(job.out, job.force, bool(job.resume))
     seed_everything(job.seed)
     device = pick_device(job.device)
 
@@ -160,6 +165,17 @@ def defend_files(job: DefendJob, *, progress: bool = False,
         say(f"    {'exported' if compact.exported else 'skipped'}: {compact.note}")
     else:
         say(f"[5/{PHASES}] compact export: not applicable")
+    plain, traced = _plain_load(result, x_clean, tensors(val_ds)[0], triggered, job.seed, timings)
+    if result.layer is not None:
+        if plain.baked:
+            say(f"    plain loading: model.safetensors is defended without fineprune too ({plain.note})")
+        else:
+            say(f"warning: model.safetensors is NOT defended when loaded without fineprune "
+                f"(plain load_state_dict brings the pruned channels back): {plain.note}. "
+                f"Safe: fineprune's load_pruned, "
+                + (f"{TORCHSCRIPT_NAME} (mask inside)" if traced is not None and traced.exported
+                   else f"no TorchScript file ({traced.note if traced is not None else 'not attempted'})")
+                + (", model-compact.safetensors" if compact is not None and compact.exported else ""))
 
     out = prepare_out_dir(job.out, job.force)
     say(f"[6/{PHASES}] writing {out}")
@@ -176,7 +192,8 @@ def defend_files(job: DefendJob, *, progress: bool = False,
         input_shape=list(x_clean.shape[1:]), inputs=inputs, target=target, class_names=classes,
         split=split, preprocessing=prep.to_dict(), sanity={"clean_acc_before": round(acc0, 6), "chance": round(chance_level(y_val), 6)},
         device=str(device), created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        versions=versions(), command=job.command_line(), warnings=warnings, timings=timings)
+        versions=versions(), command=job.command_line(), warnings=warnings, timings=timings,
+        plain=plain, torchscript=traced)
     files = write_outputs(out, run)
     for f in out.iterdir():  # the run is complete: nothing left to resume
         if is_checkpoint_file(f):
@@ -184,4 +201,20 @@ def defend_files(job: DefendJob, *, progress: bool = False,
     if job.force:
         remove_stale(out, files)
     return DefendFilesResult(out=out, defense=result, compact=compact, record=model_json(run),
-                             warnings=warnings, files=files)
+                             warnings=warnings, files=files, plain=plain, torchscript=traced)
+
+
+def _plain_load(result: DefenseResult, x_clean: torch.Tensor, x_val: torch.Tensor,
+                triggered: TriggeredSet | None, seed: int,
+                timings: dict[str, float]) -> tuple[BakeResult, TraceResult | None]:
+    """Bake the masks into the weights where that is exact (checked on random, clean and
+    triggered inputs); where it is not, trace the masked model to TorchScript instead."""
+    real = [x_val[:16]] + ([triggered.x[:16]] if triggered is not None and len(triggered) else [])
+    real_inputs = torch.cat([r.detach().cpu().float() for r in real])
+    plain = bake_masks(result.model, x_clean[:1], real_inputs=real_inputs, seed=seed)
+    timings["bake"] = plain.seconds
+    traced = None
+    if not plain.baked:
+        traced = trace_masked(result.model, x_clean[:1], real_inputs=real_inputs, seed=seed)
+        timings["torchscript"] = traced.seconds
+    return plain, traced

@@ -15,7 +15,7 @@ SWEEP_CHECKPOINT_NAME = ".fineprune-sweep.ckpt"
 _CHECKPOINTS = (CHECKPOINT_NAME, SWEEP_CHECKPOINT_NAME)
 
 OUTPUT_FILES = ("model.safetensors", "model.json", "metrics.json", "sweep.csv", "pruning_curve.png",
-                "report.html", "model-compact.safetensors")
+                "report.html", "model-compact.safetensors", "model-masked.torchscript.pt")
 
 
 def is_checkpoint_file(p: Path) -> bool:
@@ -23,21 +23,26 @@ def is_checkpoint_file(p: Path) -> bool:
     return p.name in _CHECKPOINTS or (p.name.endswith(".tmp") and any(p.name.startswith("." + c) for c in _CHECKPOINTS))
 
 
-def check_out_dir(path: str | os.PathLike[str], force: bool) -> Path:
-    """Refuse a file, or a non-empty folder without `force`; creates nothing (a run refused
-    later, e.g. for an unsafe model file, leaves no trace)."""
+def check_out_dir(path: str | os.PathLike[str], force: bool, resume: bool = True) -> Path:
+    """Refuse a file, or a non-empty folder without `force`, or (with `resume` False) a folder
+    holding a killed run's checkpoint without `force`: starting over silently would throw that
+    run away. Creates nothing (a run refused later, e.g. for an unsafe model file, leaves no trace)."""
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise BadInputError(f"--out {out} is a file, not a folder; choose a folder for the results")
-    if out.is_dir() and any(not is_checkpoint_file(p) for p in out.iterdir()) and not force:
-        raise BadInputError(f"--out {out} exists and is not empty; choose a new folder, or pass --force "
-                            "to overwrite fineprune's files in it")
+    if out.is_dir() and not force:
+        if any(not is_checkpoint_file(p) for p in out.iterdir()):
+            raise BadInputError(f"--out {out} exists and is not empty; choose a new folder, or pass --force "
+                                "to overwrite fineprune's files in it")
+        if not resume and any(is_checkpoint_file(p) for p in out.iterdir()):
+            raise BadInputError(f"--out {out} holds the checkpoint of an interrupted run; pass --resume to "
+                                "continue it, or --force (or another --out folder) to start over")
     return out
 
 
-def prepare_out_dir(path: str | os.PathLike[str], force: bool) -> Path:
+def prepare_out_dir(path: str | os.PathLike[str], force: bool, resume: bool = True) -> Path:
     """Check (as `check_out_dir`) and create the folder."""
-    out = check_out_dir(path, force)
+    out = check_out_dir(path, force, resume)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

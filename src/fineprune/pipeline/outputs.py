@@ -3,19 +3,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..defense.bake import save_torchscript
 from ..defense.compact import save_compact
 from ..defense.persist import save_pruned
 from ..report.html import write_report
 from ..report.plots import activation_figure, finetune_figure, pruning_curve_figure, save_png, figure_png
 from ..runtime import write_json_atomic, write_text_atomic
-from .record import RunRecord, metrics_json, model_json, sweep_csv
+from .record import TORCHSCRIPT_NAME, RunRecord, metrics_json, model_json, sweep_csv
 from .report_data import report_data
 
 
 def _weights_metadata(run: RunRecord) -> dict[str, str]:
     return {"fineprune.version": str(run.versions.get("fineprune")), "fineprune.arch": run.job.arch,
             "fineprune.num_classes": str(run.num_classes), "fineprune.method": run.result.method,
-            "fineprune.source_sha256": run.model_file["sha256"]}
+            "fineprune.source_sha256": run.model_file["sha256"],
+            "fineprune.plain_load_is_defended": "true" if run.plain_load_is_defended else "false"}
 
 
 def _figures(run: RunRecord, out: Path, written: list[Path]) -> dict[str, bytes]:
@@ -38,11 +40,19 @@ def _figures(run: RunRecord, out: Path, written: list[Path]) -> dict[str, bytes]
 
 
 def write_outputs(out: Path, run: RunRecord) -> list[Path]:
-    """model.safetensors, model.json, metrics.json, sweep.csv, pruning_curve.png, report.html and,
-    when the cut was exact, model-compact.safetensors. Returns the paths written."""
+    """model.safetensors, model.json, metrics.json, sweep.csv, pruning_curve.png, report.html,
+    model-compact.safetensors when the cut was exact, and model-masked.torchscript.pt when the
+    masks could not be baked into model.safetensors' weights. Returns the paths written."""
     written: list[Path] = []
-    save_pruned(run.result.model, out / "model.safetensors", _weights_metadata(run))
+    # The baked copy where baking was exact (plain loading then computes the defended model);
+    # either way the masks travel in the metadata too, for fineprune's own loader.
+    baked = run.plain.model if run.plain is not None and run.plain.baked and run.plain.model is not None \
+        else run.result.model
+    save_pruned(baked, out / "model.safetensors", _weights_metadata(run))
     written.append(out / "model.safetensors")
+    if run.torchscript is not None and run.torchscript.exported:
+        save_torchscript(run.torchscript, out / TORCHSCRIPT_NAME)
+        written.append(out / TORCHSCRIPT_NAME)
     if run.compact is not None and run.compact.exported:
         save_compact(run.compact, out / "model-compact.safetensors", _weights_metadata(run))
         written.append(out / "model-compact.safetensors")

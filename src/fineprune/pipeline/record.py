@@ -7,10 +7,15 @@ import io
 from dataclasses import dataclass, field
 
 from ..defense.api import DefenseResult
+from ..defense.bake import BakeResult, TraceResult
 from ..defense.compact import CompactResult
 from ..defense.sweep import SweepCurve
 from ..evaluation.metrics import Metrics
 from .job import DefendJob
+
+#: The masked model as TorchScript, written when model.safetensors cannot carry the pruning in
+#: its plain weights (see defense/bake.py).
+TORCHSCRIPT_NAME = "model-masked.torchscript.pt"
 
 
 @dataclass
@@ -35,6 +40,13 @@ class RunRecord:
     command: str
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    plain: BakeResult | None = None  # the masks baked into model.safetensors' weights, or why not
+    torchscript: TraceResult | None = None  # the masked model traced, when they could not be baked
+
+    @property
+    def plain_load_is_defended(self) -> bool:
+        """Whether model.safetensors loaded with plain `load_state_dict` is the defended model."""
+        return self.plain is not None and self.plain.baked
 
     @property
     def stop_k(self) -> int | None:
@@ -43,10 +55,30 @@ class RunRecord:
     def load_snippets(self) -> dict[str, str]:
         """Python that loads the outputs (the architecture is built exactly as for this run)."""
         build = f"build_arch({self.job.arch!r}, {self.num_classes}, in_channels={self.in_channels})"
-        out = {"model.safetensors": (
-            "from fineprune.io.arch import build_arch\n"
-            "from fineprune.defense.persist import load_pruned\n"
-            f"model = load_pruned({build}, 'model.safetensors')  # masks re-applied")}
+        with_fineprune = ("from fineprune.io.arch import build_arch\n"
+                          "from fineprune.defense.persist import load_pruned\n"
+                          f"model = load_pruned({build}, 'model.safetensors')  # masks re-applied")
+        if self.plain_load_is_defended:
+            pruned = bool(self.result.pruned_channels)
+            out = {"model.safetensors": (
+                ("# the pruning is baked into the weights: plain PyTorch loading gives the defended model\n"
+                 if pruned else "")
+                + "import safetensors.torch\n"
+                "from fineprune.io.arch import build_arch  # or build the same architecture yourself\n"
+                f"model = {build}\n"
+                "model.load_state_dict(safetensors.torch.load_file('model.safetensors'))\n"
+                + ("# or, to fine-tune further with the pruned channels held at zero (masks re-applied):\n"
+                   "from fineprune.defense.persist import load_pruned\n"
+                   f"model = load_pruned({build}, 'model.safetensors')" if pruned else ""))}
+        else:
+            out = {"model.safetensors": (
+                "# NOT defended under plain load_state_dict (the pruned channels come back):\n"
+                "# load it with fineprune, which re-applies the masks\n" + with_fineprune)}
+        if self.torchscript is not None and self.torchscript.exported:
+            out[TORCHSCRIPT_NAME] = (
+                "import torch  # no fineprune needed; the mask is inside. torch.jit.load runs the archive's\n"
+                "# code: load only a file you wrote (this one), never one you received\n"
+                f"model = torch.jit.load({TORCHSCRIPT_NAME!r})  # eval mode, CPU; .to(device) works")
         if self.compact is not None and self.compact.exported:
             out["model-compact.safetensors"] = (
                 "from fineprune.io.arch import build_arch\n"
@@ -94,6 +126,10 @@ def model_json(run: RunRecord) -> dict:
             "best_epoch": hist.best_epoch,
             "epochs": [vars(e) for e in hist.epochs]},
         "compact": None if run.compact is None else run.compact.to_dict(),
+        "plain_load_is_defended": run.plain_load_is_defended,
+        "plain_load": None if run.plain is None else run.plain.to_dict(),
+        "torchscript": None if run.torchscript is None else {
+            **run.torchscript.to_dict(), "file": TORCHSCRIPT_NAME if run.torchscript.exported else None},
         "model": {**run.model_file, "arch": job.arch, "num_classes": run.num_classes,
                   "num_classes_from": run.num_classes_from, "input_shape": run.input_shape},
         "data": run.inputs,

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..report.html import FigureBlock, MetricRow, ReportData
-from .record import RunRecord
+from .record import TORCHSCRIPT_NAME, RunRecord
 
 _METHOD_WORDS = {"fine-prune": "fine-pruning (prune, then fine-tune with the pruned channels held at zero)",
                  "prune": "pruning only", "fine-tune": "fine-tuning only"}
@@ -26,11 +26,14 @@ def _verdict(run: RunRecord) -> str:
             "prune": f"Pruned {len(r.pruned_channels)} of {r.num_channels} channels of {r.layer}.",
             "fine-tune": "Fine-tuned all weights on the clean data."}[r.method]
     ca = f"clean accuracy {_pct(b.clean_acc)} → {_pct(a.clean_acc)} ({100 * (a.clean_acc - b.clean_acc):+.1f} points)"
+    caveat = "" if run.plain_load_is_defended else (
+        " Caution: model.safetensors is defended only when loaded with fineprune (see 'Loading without "
+        "fineprune').")
     if b.asr is None:
         return (f"{what} Clean accuracy went from {ca[len('clean accuracy '):]}. The attack success rate "
                 "was not measured (no triggered set was given), so this report cannot show whether a "
-                "backdoor was removed.")
-    return f"{what} Attack success rate {_pct(b.asr)} → {_pct(a.asr)}; {ca}."
+                "backdoor was removed." + caveat)
+    return f"{what} Attack success rate {_pct(b.asr)} → {_pct(a.asr)}; {ca}." + caveat
 
 
 def _summary(run: RunRecord) -> list[tuple[str, str]]:
@@ -154,6 +157,38 @@ def _compact(run: RunRecord) -> tuple[list[tuple[str, str, str, str]], list[tupl
     return table, rows, note
 
 
+def _plain_load(run: RunRecord) -> tuple[bool | None, list[tuple[str, str]], str]:
+    """Whether plain `load_state_dict` of model.safetensors gives the defended model, and what to
+    use when it does not. Not shown when nothing was pruned."""
+    p = run.plain
+    if p is None or run.result.layer is None:
+        return None, [], ""
+    if p.baked:
+        return True, [("plain load_state_dict of model.safetensors", "defended (plain_load_is_defended: true)"),
+                      ("parameters zeroed", ", ".join(p.zeroed) or "none"),
+                      ("check", p.note)], (
+            "The pruning is baked into the weights: the pruned channels' producing parameters are zero, so "
+            "the plain architecture loaded with plain PyTorch computes the defended model (checked with "
+            "the hooks removed). The masks are also kept in the file's metadata, so fineprune's "
+            "load_pruned re-applies them (needed to fine-tune further with the channels held at zero).")
+    safe = ["fineprune's load_pruned (masks re-applied)"]
+    rows = [("plain load_state_dict of model.safetensors",
+             "NOT defended: the pruned channels come back (plain_load_is_defended: false)"),
+            ("why", p.note)]
+    t = run.torchscript
+    if t is not None and t.exported:
+        safe.append(f"{TORCHSCRIPT_NAME} (TorchScript, mask inside)")
+        rows.append((TORCHSCRIPT_NAME, t.note))
+    elif t is not None:
+        rows.append(("TorchScript", f"not written: {t.note}"))
+    if run.compact is not None and run.compact.exported:
+        safe.append("model-compact.safetensors (channels removed)")
+    rows.append(("safe to use", "; ".join(safe)))
+    return False, rows, ("model.safetensors keeps the pruned channels' weights and carries the masks only "
+                         "in its metadata, so loading it without fineprune gives a model that is not "
+                         "defended. Use one of the outputs listed as safe (see 'Loading the results').")
+
+
 def _provenance(run: RunRecord) -> list[tuple[str, str]]:
     rows = [("model file", str(run.job.model)), ("model SHA-256", run.model_file["sha256"])]
     for role, d in run.inputs.items():
@@ -168,12 +203,14 @@ def _provenance(run: RunRecord) -> list[tuple[str, str]]:
 def report_data(run: RunRecord, pngs: dict[str, bytes]) -> ReportData:
     metrics, note = _metrics(run)
     compact_table, compact_rows, compact_note = _compact(run)
+    plain_ok, plain_rows, plain_note = _plain_load(run)
     return ReportData(
         title=f"Fine-Pruning report: {Path(str(run.job.model)).name}",
         subtitle=f"{run.job.arch} · {run.result.method} · written {run.created} by fineprune "
                  f"{run.versions.get('fineprune', '')}",
         verdict=_verdict(run), summary=_summary(run), metrics=metrics, metrics_note=note,
         warnings=run.warnings, figures=_figures(run, pngs), compact_table=compact_table, compact_rows=compact_rows,
-        compact_note=compact_note, provenance=_provenance(run), command=run.command,
+        compact_note=compact_note, plain_load_ok=plain_ok, plain_load_rows=plain_rows,
+        plain_load_note=plain_note, provenance=_provenance(run), command=run.command,
         how_to_load=[(f"load {name}", code) for name, code in run.load_snippets().items()],
     )

@@ -1,9 +1,12 @@
 """`fineprune reproduce`: the paper's experiment (Table 1) on real data.
 
-Per task the attacker trains three models on the training split: clean, BadNets-backdoored and
-pruning-aware-backdoored. The defender holds only the clean validation split (part fine-tunes,
-part chooses: ranking, stop point, best epoch) and runs no defense / fine-tuning / pruning /
-fine-pruning on each model; the test split only measures. Trained models are cached in
+Per task the attacker trains three models: clean, BadNets-backdoored and pruning-aware-backdoored.
+The attacker first holds out part of the training split as its own clean validation data
+(`attacker_val_fraction`, seeded): all three models train on the rest (`attacker_train`), and the
+held-out part only chooses (the pruning-aware attacker's pruning, its simulated defender, its
+checks), as the defender's validation data does. The defender holds only the clean validation
+split (part fine-tunes, part chooses: ranking, stop point, best epoch) and runs no defense /
+fine-tuning / pruning / fine-pruning on each model; the test split only measures. Trained models are cached in
 `OUT/models` under a fingerprint of everything that made them, so a rerun reuses them.
 """
 from __future__ import annotations
@@ -12,6 +15,7 @@ import copy
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,10 +25,12 @@ from torch.utils.data import TensorDataset
 
 from ..attack.badnets import BadNets
 from ..attack.pruning_aware import PruningAwareAttack
+from ..attack.widen import widen_layer
 from ..data.splits import holdout
 from ..defense.api import DEFAULT_FINETUNE, DefenseResult, defend
 from ..defense.persist import load_pruned, save_pruned
-from ..data.types import TaskData
+from ..data.types import TaskData, tensors
+from ..defense.layer import find_prune_layer
 from ..evaluation.metrics import TriggeredSet, evaluate
 from ..runtime import pick_device, seed_everything, write_json_atomic
 from ..tasks import TaskSpec, get_task, shrink
@@ -56,7 +62,8 @@ class ReproduceConfig:
     seed: int = 0
     threshold: float = 4.0
     defender_val_fraction: float = 0.3  # of the clean validation split; the rest fine-tunes
-    attacker_val_fraction: float = 0.2  # of the training split, for the pruning-aware attacker
+    attacker_val_fraction: float = 0.2  # of the training split, held out: the attacker's choices only
+    pa_widen: int = 0  # channels the pruning-aware attacker adds to the pruned layer (PruningAwareAttack.widen)
     subsample: float = 1.0  # < 1 shrinks every split (tests, quick looks); recorded in results
     epochs: int | None = None  # override the task's attacker epochs (tests)
     finetune_epochs: int | None = None
@@ -114,7 +121,8 @@ class TaskSetup:
     ft_cfg: TrainConfig
     defender_train: TensorDataset
     defender_val: TensorDataset
-    attacker_val: TensorDataset
+    attacker_train: TensorDataset  # what every attacker model trains on (training split minus attacker_val)
+    attacker_val: TensorDataset  # held out of the training split (disjoint from attacker_train): choices only
     trig_test: TriggeredSet
     trig_val: TriggeredSet
     base: dict  # the recipe every model of this setup shares (its fingerprint names the files)
@@ -126,6 +134,21 @@ class TaskSetup:
     def fresh(self) -> nn.Module:
         torch.manual_seed(self.seed)
         return self.task.build_model().to(self.device)
+
+    def builder(self, attack_name: str, pa_widen: int = 0) -> Callable[[], nn.Module]:
+        """A function building the (untrained) network the model `attack_name` has, to load its
+        stored weights into: the task's architecture, widened as the pruning-aware attacker widened
+        it (`pa_widen` channels on the pruned layer)."""
+        if attack_name != "pruning-aware" or not pa_widen:
+            return self.fresh
+
+        def build() -> nn.Module:
+            model = self.fresh()
+            x, _ = tensors(self.attacker_val)
+            example = x[:2].to(self.device)
+            widen_layer(model, find_prune_layer(model, example).name, pa_widen, example)
+            return model
+        return build
 
 
 def arch_signature(model: nn.Module) -> str:
@@ -156,20 +179,30 @@ def prepare_task(task: TaskSpec, data: TaskData, *, data_root: str, seed: int, s
         ft_cfg = TrainConfig(**{**ft_cfg.to_dict(), "epochs": finetune_epochs})
 
     defender_train, defender_val = holdout(data.val, defender_val_fraction, seed, groups=data.val_groups)
-    _, attacker_val = holdout(data.train, attacker_val_fraction, seed + 1)
+    # The attacker's validation data is held out of what its models train on (as the defender's
+    # is): a model validated on its own training data would make the attacker's choices on
+    # figures it has memorised. All three attacker models train on the same rest, so the clean
+    # model the pruning-aware attack starts from has not seen it either, and the three stay comparable.
+    attacker_train, attacker_val = holdout(data.train, attacker_val_fraction, seed + 1)
     trig_test = attack.triggered(data.test)
     trig_val = attack.triggered(defender_val)  # measured along the sweep only; never chooses
     base = {"task": task.name, "seed": seed, "subsample": subsample, "train": train_cfg.to_dict(),
             "arch": task.arch, "arch_signature": arch_signature(task.build_model(data.num_classes)),
-            "data_root": str(Path(data_root).resolve())}
+            "data_root": str(Path(data_root).resolve()),
+            # The training data is the split minus the attacker's hold-out: part of every recipe,
+            # so models stored before the hold-out existed (trained on all of it) are not reused.
+            "attacker_split": {"val_fraction": attacker_val_fraction, "seed": seed + 1,
+                               "train": len(attacker_train), "val": len(attacker_val)}}
     return TaskSetup(task=task, data=data, attack=attack, train_cfg=train_cfg, ft_cfg=ft_cfg,
-                     defender_train=defender_train, defender_val=defender_val, attacker_val=attacker_val,
+                     defender_train=defender_train, defender_val=defender_val,
+                     attacker_train=attacker_train, attacker_val=attacker_val,
                      trig_test=trig_test, trig_val=trig_val, base=base, seed=seed,
                      device=pick_device(device), progress=progress,
                      attacker_val_fraction=attacker_val_fraction)
 
 
-def model_recipe(setup: TaskSetup, attack_name: str, pa_threshold: float = 4.0) -> tuple[str, dict]:
+def model_recipe(setup: TaskSetup, attack_name: str, pa_threshold: float = 4.0,
+                 pa_widen: int = 0) -> tuple[str, dict]:
     """(file name stem, recipe) of the model `attack_name` ("none" = clean) trained for `setup`."""
     name = setup.task.name
     if attack_name == "none":
@@ -179,31 +212,32 @@ def model_recipe(setup: TaskSetup, attack_name: str, pa_threshold: float = 4.0) 
     if attack_name == "pruning-aware":
         recipe = {**setup.base, "attack": setup.attack.describe(), "pa_threshold": pa_threshold,
                   "pa_escalate": list(PruningAwareAttack.escalate)}
-        if setup.attacker_val_fraction != 0.2:  # the default leaves the recipe (and cached files) as before
-            recipe["attacker_val_fraction"] = setup.attacker_val_fraction
-        return f"{name}-pruning-aware", recipe
+        if pa_widen:  # a different architecture: its own files (and 0 keeps the recipe as it was)
+            recipe["pa_widen"] = pa_widen
+        return f"{name}-pruning-aware" + (f"-widen{pa_widen}" if pa_widen else ""), recipe
     raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, not {attack_name!r}")
 
 
 def get_model(setup: TaskSetup, attack_name: str, store: _ModelStore, *, pa_threshold: float = 4.0,
-              clean: "callable | None" = None) -> tuple[nn.Module, dict, bool]:
+              clean: "callable | None" = None, pa_widen: int = 0) -> tuple[nn.Module, dict, bool]:
     """The model `attack_name` of `setup`: from `store` when its recipe was trained before, else
     trained now and stored. Returns (model, info, reused). The pruning-aware attack starts from
-    the clean model: `clean()` must return (clean model, its info) when it has to be trained."""
-    name, recipe = model_recipe(setup, attack_name, pa_threshold)
+    the clean model: `clean()` must return (clean model, its info) when it has to be trained.
+    `pa_widen`: channels the pruning-aware attacker adds to the pruned layer (0: none)."""
+    name, recipe = model_recipe(setup, attack_name, pa_threshold, pa_widen)
     task, dev, seed, train_cfg = setup.task, setup.device, setup.seed, setup.train_cfg
 
     def make_clean(ckpt: str):
         t0 = time.perf_counter()
         m = setup.fresh()
-        train(m, setup.data.train, train_cfg, device=dev, seed=seed, progress=setup.progress,
+        train(m, setup.attacker_train, train_cfg, device=dev, seed=seed, progress=setup.progress,
               desc=f"{task.name}: clean", checkpoint_path=ckpt, resume=True)
         return m, {"train_seconds": time.perf_counter() - t0}
 
     def make_badnets(ckpt: str):
         t0 = time.perf_counter()
         m = setup.fresh()
-        train(m, setup.attack.poison(setup.data.train).dataset, train_cfg, device=dev, seed=seed,
+        train(m, setup.attack.poison(setup.attacker_train).dataset, train_cfg, device=dev, seed=seed,
               progress=setup.progress, desc=f"{task.name}: badnets", checkpoint_path=ckpt, resume=True)
         return m, {"train_seconds": time.perf_counter() - t0}
 
@@ -216,15 +250,15 @@ def get_model(setup: TaskSetup, attack_name: str, store: _ModelStore, *, pa_thre
         # The attacker backdoors the pruned clean net with half its usual training per round.
         backdoor_cfg = TrainConfig(**{**train_cfg.to_dict(), "epochs": max(1, train_cfg.epochs // 2)})
         pa = PruningAwareAttack(setup.attack, threshold=pa_threshold, backdoor=backdoor_cfg, seed=seed,
-                                device=dev, progress=setup.progress, checkpoint_prefix=ckpt)
-        res = pa.run(copy.deepcopy(clean_model), setup.data.train, setup.attacker_val)
+                                device=dev, progress=setup.progress, checkpoint_prefix=ckpt, widen=pa_widen)
+        res = pa.run(copy.deepcopy(clean_model), setup.attacker_train, setup.attacker_val)
         return res.model, {"train_seconds": time.perf_counter() - t0 + clean_info.get("train_seconds", 0.0),
                            "layer": res.layer, "decoys": res.decoys, "bias_param": res.bias_param,
                            "rounds": res.rounds, "attacker_threshold": res.attacker_threshold,
-                           "attempts": res.attempts}
+                           "attempts": res.attempts, "widen": res.widen}
 
     make = {"none": make_clean, "badnets": make_badnets, "pruning-aware": make_pruning_aware}[attack_name]
-    return store.get(name, recipe, setup.fresh, make)
+    return store.get(name, recipe, setup.builder(attack_name, pa_widen), make)
 
 
 def defend_one(setup: TaskSetup, attack_name: str, model: nn.Module, info: dict, defense: str,
@@ -299,6 +333,8 @@ def _run_task(task, cfg: ReproduceConfig, out: Path) -> tuple[list[dict], dict]:
                          defender_val_fraction=cfg.defender_val_fraction,
                          attacker_val_fraction=cfg.attacker_val_fraction, device=cfg.device,
                          progress=cfg.progress)
+    _log(cfg, f"[{task.name}] attacker: its models train on {len(setup.attacker_train)}, "
+              f"{len(setup.attacker_val)} held out to choose with")
     store = _ModelStore(out / "models")
 
     clean, clean_info, reused = get_model(setup, "none", store)
@@ -306,7 +342,7 @@ def _run_task(task, cfg: ReproduceConfig, out: Path) -> tuple[list[dict], dict]:
     badnets, bad_info, reused = get_model(setup, "badnets", store)
     _log(cfg, f"[{task.name}] badnets model {'reused' if reused else 'trained'}")
     aware, aware_info, reused = get_model(setup, "pruning-aware", store, pa_threshold=cfg.threshold,
-                                          clean=lambda: (clean, clean_info))
+                                          clean=lambda: (clean, clean_info), pa_widen=cfg.pa_widen)
     _log(cfg, f"[{task.name}] pruning-aware model {'reused' if reused else 'trained'} "
               f"({len(aware_info.get('decoys', []))} decoys)")
 

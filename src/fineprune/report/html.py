@@ -47,6 +47,10 @@ class ReportData:
     compact_table: list[tuple[str, str, str, str]] = field(default_factory=list)  # what, before, after, change
     compact_rows: list[tuple[str, str]] = field(default_factory=list)
     compact_note: str = ""
+    # Whether model.safetensors is the defended model under plain load_state_dict (None: not shown).
+    plain_load_ok: bool | None = None
+    plain_load_rows: list[tuple[str, str]] = field(default_factory=list)
+    plain_load_note: str = ""
     provenance: list[tuple[str, str]] = field(default_factory=list)
     command: str = ""
     how_to_load: list[tuple[str, str]] = field(default_factory=list)
@@ -175,6 +179,12 @@ def render_report(data: ReportData) -> str:
         compact += f"<table class='prov' style='margin-top:10px'><tbody>{rows}</tbody></table>"
     cnote = f"<p class='note'>{_e(data.compact_note)}</p>" if data.compact_note else ""
     parts.append(f"<section><h2>Compact export</h2>{compact}{cnote}</section>")
+    if data.plain_load_ok is not None:
+        rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in data.plain_load_rows)
+        pnote = f"<p class='note'>{_e(data.plain_load_note)}</p>" if data.plain_load_note else ""
+        cls = "" if data.plain_load_ok else " class='warn'"
+        parts.append(f"<section{cls}><h2>Loading without fineprune</h2>"
+                     f"<table class='prov'><tbody>{rows}</tbody></table>{pnote}</section>")
     prov = "".join(f"<tr><td>{_e(k)}</td><td class='mono'>{_e(v)}</td></tr>" for k, v in data.provenance)
     load = "".join(f"<div class='help'>{_e(k)}</div><pre>{_e(v)}</pre>" for k, v in data.how_to_load)
     parts.append(
