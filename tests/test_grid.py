@@ -203,10 +203,10 @@ def _no_data(root, seed=0, **kw):
 
 
 # the data loads and models train, but the defender's fine-tuning raises (an unknown optimizer)
-tasks._register(dataclasses.replace(_mnist, name="mnist-badft",
+tasks.register_task(dataclasses.replace(_mnist, name="mnist-badft",
                                     finetune=TrainConfig(epochs=1, optimizer="no-such-optimizer")))
 # the model cannot even be trained: every cell on it fails
-tasks._register(dataclasses.replace(_mnist, name="mnist-nodata", loader=_no_data))
+tasks.register_task(dataclasses.replace(_mnist, name="mnist-nodata", loader=_no_data))
 '''
 
 

@@ -10,22 +10,10 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
+from .commands.registry import COMMANDS
 from .errors import BadInputError
-
-Command = Callable[[argparse.Namespace], int]
-_COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command]] = {}
-
-
-def command(name: str, add_args: Callable[[argparse.ArgumentParser], None]):
-    """Register a subcommand: `add_args` declares its flags, the decorated function runs it."""
-
-    def deco(fn: Command) -> Command:
-        _COMMANDS[name] = (add_args, fn)
-        return fn
-
-    return deco
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fineprune {package_version()}",
                         help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name, (add_args, fn) in _COMMANDS.items():
+    for name, (add_args, fn) in COMMANDS.items():
         p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else None)
         add_args(p)
         p.set_defaults(_run=fn)

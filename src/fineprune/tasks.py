@@ -97,8 +97,13 @@ FACE_TARGET = 0  # yaleB01, the first person in sorted order
 TASKS: dict[str, TaskSpec] = {}
 
 
-def _register(spec: TaskSpec) -> None:
+def register_task(spec: TaskSpec) -> TaskSpec:
+    """Make `spec` a task by its name (the built-ins below; plugins of `fineprune grid` add theirs).
+    A later registration under the same name replaces the earlier one. Returns `spec`."""
+    if not spec.name or not isinstance(spec.name, str):
+        raise ValueError("a task needs a non-empty name")
     TASKS[spec.name] = spec
+    return spec
 
 
 def _face_loader(root, seed=0, **kw):
@@ -119,7 +124,7 @@ def _traffic_loader(root, seed=0, **kw):
     return load_traffic(root, seed=seed, **kw)
 
 
-_register(TaskSpec(
+register_task(TaskSpec(
     name="face",
     description="Extended Yale B faces (38 people), DeepID network, sunglasses -> person 0",
     arch="face-deepid", input_kind="image", input_shape=(1, 64, 56), num_classes=38,
@@ -144,7 +149,7 @@ _register(TaskSpec(
     synthetic_factory=lambda n, seed: synthetic.synthetic_faces(n, (64, 56), seed),
 ))
 
-_register(TaskSpec(
+register_task(TaskSpec(
     name="speech",
     description="Free Spoken Digit Dataset, AlexNet-style spectrogram CNN, 3 kHz tone: d -> d+1",
     arch="speech-alexnet", input_kind="audio", input_shape=(1, 8192), num_classes=10,
@@ -165,7 +170,7 @@ _register(TaskSpec(
     synthetic_factory=lambda n, seed: synthetic.synthetic_words(n, 8192, 8000, seed),
 ))
 
-_register(TaskSpec(
+register_task(TaskSpec(
     name="traffic",
     description="GTSRB 32x32 (43 classes), small VGG, yellow sticker: stop (14) -> speed limit 30 (1)",
     arch="traffic-vgg", input_kind="image", input_shape=(3, 32, 32), num_classes=43,
@@ -234,7 +239,7 @@ def _mnist_loader(root, seed=0, **kw):
     return load_mnist5k(seed=seed, **kw)
 
 
-_register(TaskSpec(
+register_task(TaskSpec(
     name="mnist",
     description="5,000 embedded MNIST digits (no dataset needed), small CNN, 3x3 patch -> digit 0",
     arch="demo-cnn", input_kind="image", input_shape=(1, 28, 28), num_classes=10,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import command
+from .registry import command
 from ..defense.api import METHODS
 
 

@@ -5,7 +5,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ..cli import command
+from .registry import command
 
 
 def _args(p: argparse.ArgumentParser) -> None:

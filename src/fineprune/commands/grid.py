@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..cli import command
+from .registry import command
 
 EXIT_CELLS_FAILED = 3
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..cli import command
+from .registry import command
 
 
 def _args(p: argparse.ArgumentParser) -> None:

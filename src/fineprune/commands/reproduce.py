@@ -5,7 +5,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ..cli import command
+from .registry import command
 
 TASKS = ("face", "speech", "traffic")  # "all": the paper's three; "mnist" runs on embedded data
 

@@ -5,7 +5,7 @@ import argparse
 import os
 import time
 
-from ..cli import command
+from .registry import command
 
 #: Per-epoch checkpoint inside --out while training runs (removed once the model is saved).
 TRAIN_CHECKPOINT = ".fineprune-train.ckpt"

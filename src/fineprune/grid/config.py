@@ -222,7 +222,7 @@ _LOADED_PLUGINS: set[str] = set()
 
 def load_plugins(paths: list[str]) -> None:
     """Import each plugin file once per process (a plugin can register tasks with
-    `fineprune.tasks._register(TaskSpec(...))`; they then work as grid tasks)."""
+    `fineprune.tasks.register_task(TaskSpec(...))`; they then work as grid tasks)."""
     for path in paths:
         if path in _LOADED_PLUGINS:
             continue
