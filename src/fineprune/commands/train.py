@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..errors import BadInputError
-    from ..pipeline.outdir import check_out_dir, prepare_out_dir
+    from ..pipeline.outdir import check_out_dir, prepare_out_dir, refuse_interrupted
     from ..task_training import save_trained, train_task
     from ..tasks import get_task
     from ..training import TrainConfig
@@ -66,9 +66,7 @@ def run(args: argparse.Namespace) -> int:
     out = check_out_dir(args.out, force=True)  # a file is refused; an existing folder is reused
     checkpoint = out / TRAIN_CHECKPOINT
     if checkpoint.is_file() and not args.resume and not args.force:
-        # Starting over silently would throw away the epochs a killed run already paid for.
-        raise BadInputError(f"--out {out} holds the checkpoint of an interrupted training run; pass --resume "
-                            "to continue it, or --force (or another --out folder) to start over")
+        refuse_interrupted(out)
     if args.resume and not checkpoint.is_file() and not args.quiet:
         print(f"fineprune train: no checkpoint in {out}; starting from the first epoch")
     t0 = time.perf_counter()

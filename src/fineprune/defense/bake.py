@@ -75,13 +75,24 @@ class TraceResult:
         return {k: v for k, v in self.__dict__.items() if k != "module"}
 
 
-def _check_inputs(example: torch.Tensor, real_inputs: torch.Tensor | None, seed: int) -> torch.Tensor:
-    """8 random inputs shaped like `example`, plus the real ones (CPU, float32)."""
+def _check_inputs(example: torch.Tensor, real_inputs: torch.Tensor | None,
+                  seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(one example on CPU in float32, the check inputs: 8 random ones shaped like it plus the
+    real ones)."""
+    example = example[:1].detach().cpu().float()
     g = torch.Generator().manual_seed(seed)
     parts = [torch.randn((8, *example.shape[1:]), generator=g)]
     if real_inputs is not None and real_inputs.shape[0]:
         parts.append(real_inputs.detach().cpu().float())
-    return torch.cat(parts)
+    return example, torch.cat(parts)
+
+
+def _reference(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+    """A CPU float32 eval copy of the masked model to work on, and its logits on `x`: what every
+    output must reproduce."""
+    work = copy.deepcopy(model).cpu().float().eval()
+    ref, _ = _capture(work, [], x)
+    return work, ref
 
 
 def _first_line(exc: BaseException) -> str:
@@ -169,12 +180,10 @@ def bake_masks(model: nn.Module, example: torch.Tensor, *, real_inputs: torch.Te
     masks = masked_layers(model)
     if not masks:
         return done(True, "no channel is masked: the weights alone are the defended model", model)
-    example = example[:1].detach().cpu().float()
-    x = _check_inputs(example, real_inputs, seed)
+    example, x = _check_inputs(example, real_inputs, seed)
     res.checked_inputs = int(x.shape[0])
     try:
-        work = copy.deepcopy(model).cpu().float().eval()
-        ref, _ = _capture(work, [], x)
+        work, ref = _reference(model, x)
         for layer, pruned in masks.items():
             if not pruned:
                 continue
@@ -224,12 +233,10 @@ def trace_masked(model: nn.Module, example: torch.Tensor, *, real_inputs: torch.
     raises: `exported` is False and `note` says why when tracing or the check fails."""
     t0 = time.perf_counter()
     res = TraceResult(exported=False, note="")
-    example = example[:1].detach().cpu().float()
-    x = _check_inputs(example, real_inputs, seed)
+    example, x = _check_inputs(example, real_inputs, seed)
     res.checked_inputs = int(x.shape[0])
     try:
-        work = copy.deepcopy(model).cpu().float().eval()
-        ref, _ = _capture(work, [], x)
+        work, ref = _reference(model, x)
         with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export
             warnings.simplefilter("ignore")
             traced = torch.jit.trace(work, example, check_trace=False)

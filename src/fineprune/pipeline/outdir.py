@@ -35,9 +35,15 @@ def check_out_dir(path: str | os.PathLike[str], force: bool, resume: bool = True
             raise BadInputError(f"--out {out} exists and is not empty; choose a new folder, or pass --force "
                                 "to overwrite fineprune's files in it")
         if not resume and any(is_checkpoint_file(p) for p in out.iterdir()):
-            raise BadInputError(f"--out {out} holds the checkpoint of an interrupted run; pass --resume to "
-                                "continue it, or --force (or another --out folder) to start over")
+            refuse_interrupted(out)
     return out
+
+
+def refuse_interrupted(out: Path) -> None:
+    """`out` holds an interrupted run's checkpoint and neither --resume nor --force was given:
+    starting over silently would throw away the work that run already paid for."""
+    raise BadInputError(f"--out {out} holds the checkpoint of an interrupted run; pass --resume to "
+                        "continue it, or --force (or another --out folder) to start over")
 
 
 def prepare_out_dir(path: str | os.PathLike[str], force: bool, resume: bool = True) -> Path:
