@@ -165,7 +165,7 @@ def trained_model(name: str, data, epochs: float, seed: int = 0, max_train: int 
     if max_train is not None and x.shape[0] > max_train:
         idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:max_train]
         x, y = x[idx], y[idx]
-    from fineprune.pipeline.reproduce import arch_signature
+    from fineprune.experiment.setup import arch_signature
 
     sig = arch_signature(model)  # a changed architecture never loads stale weights
     key = hashlib.sha256(f"{name}|{sig}|{data.name}|{x.shape}|{int(y.sum())}|{epochs}|{seed}".encode()).hexdigest()[:16]

@@ -27,7 +27,7 @@ import common  # noqa: E402
 
 from fineprune.data.splits import stratified_split  # noqa: E402
 from fineprune.data.types import make_dataset, tensors  # noqa: E402
-from fineprune.defense.api import DEFAULT_FINETUNE, FinePruning  # noqa: E402
+from fineprune.defense.api import DEFAULT_FINETUNE, FinePruning, RunOptions  # noqa: E402
 from fineprune.report.plots import plot_pruning_curve  # noqa: E402
 from fineprune.training import TrainConfig, train  # noqa: E402
 
@@ -37,8 +37,10 @@ def _demo_setup(seed: int, tiny: bool):
     from fineprune.attack.policy import AllToOne
     from fineprune.attack.triggers import PatchTrigger
     from fineprune.data.embedded import load_mnist5k
-    from fineprune.demo import ATTACKER_TRAINING
     from fineprune.models.small import SmallCNN
+    from fineprune.tasks import get_task
+
+    ATTACKER_TRAINING = get_task("mnist").attacker
 
     data = load_mnist5k(seed=seed)
     if tiny:
@@ -107,12 +109,13 @@ def bench_task(task: str, args) -> dict:
     prof = cProfile.Profile()
     prof.enable()
     t1 = time.perf_counter()
-    res = FinePruning(model, finetune=ft, device="cpu", seed=args.seed).fit(clean_train, clean_val, triggered)
+    run = RunOptions(device="cpu", seed=args.seed)
+    res = FinePruning(finetune=ft).fit(model, clean_train, clean_val, triggered, run)
     t_defend = time.perf_counter() - t1
     prof.disable()
     t2 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        plot_pruning_curve(res.sweep, Path(tmp) / "curve.png", res.sweep.extra["stop_k"])
+        plot_pruning_curve(res.sweep, Path(tmp) / "curve.png", res.stop_k)
     t_report = time.perf_counter() - t2
     sweep_s, ft_s = res.timings.get("sweep", 0.0), res.timings.get("fine-tune", 0.0)
     out = {
@@ -124,7 +127,7 @@ def bench_task(task: str, args) -> dict:
                     "sweep (statistics + all k)": round(sweep_s, 3), "fine-tune": round(ft_s, 3),
                     "evaluate + layer + copy": round(t_defend - sweep_s - ft_s, 3),
                     "report (plot)": round(t_report, 3)},
-        "sweep_extra": res.sweep.extra,
+        "sweep_extra": {**res.sweep.extra, "stop_k": res.stop_k},
         "before": res.before.to_dict(), "after": res.after.to_dict(),
         "pruned_fraction": round(res.pruned_fraction, 4),
         "top_tottime": top_functions(prof, "tottime", args.top),

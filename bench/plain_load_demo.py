@@ -6,10 +6,15 @@ test split (clean and triggered) to DIR.
 run DIR LABEL: `fineprune defend` (demo-cnn, --val) for prune and fine-prune, then evaluate the
 written model.safetensors loaded (a) plainly into SmallCNN() and (b) with load_pruned, on the test split.
 """
-import json, sys
+import json
+import sys
 from pathlib import Path
-import numpy as np, torch
+
+import numpy as np
+import torch
+
 import fineprune
+
 
 def prepare(d: Path):
     from fineprune.attack.badnets import BadNets
@@ -18,10 +23,12 @@ def prepare(d: Path):
     from fineprune.data.embedded import load_mnist5k
     from fineprune.data.splits import stratified_split
     from fineprune.data.types import tensors
-    from fineprune.demo import ATTACKER_TRAINING
     from fineprune.models.small import SmallCNN
     from fineprune.runtime import seed_everything
+    from fineprune.tasks import get_task
     from fineprune.training import train
+
+    ATTACKER_TRAINING = get_task("mnist").attacker
     from safetensors.torch import save_file
     d.mkdir(parents=True, exist_ok=True)
     seed_everything(0)
@@ -52,6 +59,7 @@ def metrics(model, d):
 
 def run(d: Path, label: str):
     import safetensors.torch
+
     from fineprune.cli import main
     from fineprune.defense.persist import load_pruned
     from fineprune.models.small import SmallCNN

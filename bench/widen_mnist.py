@@ -19,8 +19,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from fineprune.pipeline.reproduce import (  # noqa: E402
-    _ModelStore, defend_one, get_model, load_task_data, prepare_task,
+from fineprune.experiment import (  # noqa: E402
+    ModelStore,
+    defend_one,
+    get_model,
+    load_task_data,
+    prepare_task,
 )
 from fineprune.runtime import seed_everything  # noqa: E402
 from fineprune.tasks import get_task  # noqa: E402
@@ -40,7 +44,7 @@ def main() -> None:
     task = get_task("mnist")
     data = load_task_data(task, "", args.seed)
     setup = prepare_task(task, data, data_root=".", seed=args.seed, device="cpu")
-    store = _ModelStore(Path(args.out) / "models")
+    store = ModelStore(Path(args.out) / "models")
     clean = get_model(setup, "none", store)
     rows = []
     for widen in [0, *[w for w in args.widen if w]]:

@@ -25,6 +25,23 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def labels_near_model(model, x, classes: int = 10, every: int = 3, shift: int = 1) -> torch.Tensor:
+    """Labels equal to the model's own predictions (in eval mode), with every `every`-th moved by
+    `shift` classes, so accuracy moves with the number of channels pruned. `from conftest import ...`"""
+    with torch.no_grad():
+        y = model.eval()(x).argmax(1)
+    y[::every] = (y[::every] + shift) % classes
+    return y
+
+
+def assert_same_curve(a, b) -> None:
+    """Two pruning sweeps (say a cached and a full one) agree exactly: same pruning order and the
+    same clean, attack and robust counts at every k."""
+    assert a.order == b.order
+    assert a.clean_correct == b.clean_correct
+    assert a.asr_hits == b.asr_hits and a.robust_hits == b.robust_hits
+
+
 @pytest.fixture
 def sigkill_when():
     """`sigkill_when(cmd, ready, env)`: start `cmd`, SIGKILL it as soon as `ready()` is true (polled

@@ -9,7 +9,6 @@ from fineprune.defense.compact import compact_model, load_compact, save_compact
 from fineprune.defense.mask import set_pruned
 from fineprune.models.small import SmallCNN
 
-
 # Tiny models on a shared 2-core machine run far faster on one thread.
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,6 +1,7 @@
 import copy
 
 import torch
+from conftest import labels_near_model
 
 from fineprune import FinePruning, Pruning, TrainConfig, TriggeredSet, defend
 from fineprune.data.types import make_dataset
@@ -18,17 +19,15 @@ def _setup(scale: float = 1.0):
             if isinstance(mod, torch.nn.Linear):
                 mod.weight.mul_(scale)
     x = torch.rand(200, 1, 28, 28)
-    with torch.no_grad():
-        y = m(x).argmax(1)
-    y[::4] = (y[::4] + 3) % 10
+    y = labels_near_model(m, x, every=4, shift=3)
     return m, make_dataset(x[:120], y[:120]), make_dataset(x[120:], y[120:])
 
 
 def test_pruning_returns_exactly_the_model_at_the_stop_point():
     model, _, val = _setup()
     original = copy.deepcopy(model.state_dict())
-    res = Pruning(model, threshold=4.0).fit(val)
-    k = res.sweep.extra["stop_k"]
+    res = Pruning(threshold=4.0).fit(model, val)
+    k = res.stop_k
     assert res.pruned_channels == res.sweep.order[:k]
     assert pruned_channels(res.model, res.layer) == sorted(res.pruned_channels)
     # Its accuracy is the sweep's accuracy at k (not at k+1), and within the threshold.
@@ -45,8 +44,8 @@ def test_pruning_returns_exactly_the_model_at_the_stop_point():
 def test_fine_pruning_keeps_masks_and_picks_best_epoch():
     model, train, val = _setup()
     trig = TriggeredSet(val.tensors[0][:30], val.tensors[1][:30], torch.zeros(30, dtype=torch.long))
-    res = FinePruning(model, threshold=10.0, finetune=TrainConfig(epochs=3, lr=0.05, batch_size=32)).fit(
-        train, val, trig)
+    res = FinePruning(threshold=10.0, finetune=TrainConfig(epochs=3, lr=0.05, batch_size=32)).fit(
+        model, train, val, trig)
     assert len(res.finetune.epochs) == 3 and res.finetune.best_epoch in (1, 2, 3)
     best = max(e.val_acc for e in res.finetune.epochs)
     assert res.after.clean_acc == best
@@ -90,10 +89,10 @@ def test_fine_tuning_that_wrecks_accuracy_is_discarded_by_the_guard():
     model, train, val = _setup(scale=20.0)  # pruning stops early and fine-tuning has work
     pruned = defend(model, train, val, "fine-prune", threshold=4.0,
                     finetune=TrainConfig(epochs=2, lr=50.0, batch_size=32))
-    assert 0 < pruned.sweep.extra["stop_k"] < pruned.num_channels
+    assert 0 < pruned.stop_k < pruned.num_channels
     assert all(e.val_acc < pruned.before.clean_acc - 0.04 for e in pruned.finetune.epochs)
     assert 100 * (pruned.before.clean_acc - pruned.after.clean_acc) <= 4.0 + 1e-9  # within the guard
     n = len(val)
-    assert round(pruned.after.clean_acc * n) == pruned.sweep.clean_correct[pruned.sweep.extra["stop_k"]]
+    assert round(pruned.after.clean_acc * n) == pruned.sweep.clean_correct[pruned.stop_k]
     assert "the pruned model" in pruned.warnings[0]
-    assert Pruning(model, threshold=4.0).fit(val).warnings == []  # no fine-tuning, nothing to flag
+    assert Pruning(threshold=4.0).fit(model, val).warnings == []  # no fine-tuning, nothing to flag

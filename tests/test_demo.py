@@ -1,7 +1,7 @@
 import json
 
 from fineprune.cli import main
-from fineprune.demo import DemoConfig, run_demo
+from fineprune.experiment.demo import DemoConfig, run_demo
 
 
 def test_demo_pipeline_plants_and_removes_backdoor(tmp_path):

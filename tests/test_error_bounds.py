@@ -3,6 +3,7 @@ constants, biases, scales and subtractions, the float32 value stays within the c
 float64 reference, and values mode evaluates exactly what the tail computes."""
 import pytest
 import torch
+from conftest import assert_same_curve, labels_near_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
@@ -186,9 +187,7 @@ def test_sweep_with_constants_in_head_equals_full_passes(monkeypatch, force_valu
         for b in (m.conv.bias, m.fc1.bias, m.fc2.bias):
             b.zero_()
     x = torch.randn(120, 1, 10, 10)
-    with torch.no_grad():
-        y = m(x).argmax(1)  # labels are the model's own predictions
-    y[::4] = (y[::4] + 3) % 10
+    y = labels_near_model(m, x, every=4, shift=3)
     trig = TriggeredSet(x[:40].clone(), y[:40], (y[:40] + 1) % 10)
     assert plan_head(cut_at(m, "relu")).fast is not None  # the incremental path is what is tested
     if force_values_mode:  # every chunk evaluates the tail in values mode (the mode with the bug)
@@ -197,6 +196,5 @@ def test_sweep_with_constants_in_head_equals_full_passes(monkeypatch, force_valu
     a = cached_sweep(m, "relu", x, y, trig, batch_size=32)
     b = full_sweep(m, "relu", x, y, trig, batch_size=32)
     assert a.extra["fast_path"]
-    assert a.clean_correct == b.clean_correct
-    assert a.asr_hits == b.asr_hits and a.robust_hits == b.robust_hits
+    assert_same_curve(a, b)
     assert len(set(a.clean_correct)) > 3  # the curve really moves

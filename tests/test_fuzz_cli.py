@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -52,8 +52,8 @@ def _sandbox(tmp_path_factory):
     mod = importlib.import_module
     mp = pytest.MonkeyPatch()
     mp.setattr(mod("fineprune.pipeline.defend_files"), "defend_files", _defend_stub)
-    mp.setattr(mod("fineprune.pipeline.reproduce"), "run_reproduce", _stub)
-    mp.setattr(mod("fineprune.demo"), "run_demo", _stub)
+    mp.setattr(mod("fineprune.experiment.reproduce"), "run_reproduce", _stub)
+    mp.setattr(mod("fineprune.experiment.demo"), "run_demo", _stub)
     mp.setattr(mod("fineprune.tasks"), "get_task", _stub)
     mp.setattr(mod("fineprune.grid"), "run_grid", _stub)
     mp.setattr(mod("fineprune.grid"), "summarize_only", _stub)

@@ -8,6 +8,7 @@ which would also stop other Ray instances of this user on the machine), then che
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
@@ -24,6 +25,7 @@ import pytest
 from fineprune.errors import BadInputError
 from fineprune.grid import expand, parse_config, run_grid
 from fineprune.grid.results import ResultsLog, summarize
+from fineprune.progress import Progress
 
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
@@ -124,8 +126,9 @@ def test_tiny_grid_on_two_workers(ray_cluster, tmp_path):
                                                  "threshold": [2, 8], "seed": [0, 1]}})
     cells = expand(cfg)
     assert len(cells) == 8
-    lines: list[str] = []
-    outcome = run_grid(cfg, tmp_path / "g", ray_cluster, log=lines.append)
+    buf = io.StringIO()
+    outcome = run_grid(cfg, tmp_path / "g", ray_cluster, progress=Progress(buf))
+    lines = buf.getvalue().splitlines()
     rows = _rows(tmp_path / "g")
     assert sorted(r["cell"] for r in rows) == sorted(c.id for c in cells)  # every cell, once
     assert all(r["status"] == "ok" and r["attempts"] == 1 for r in rows)
@@ -215,8 +218,9 @@ def test_failing_cells_are_retried_once_then_reported(ray_cluster, tmp_path):
     cfg = parse_config({"name": "fail", "plugins": ["plugin.py"], "retries": 1,
                         "axes": {**TINY, "epochs": 1, "task": ["mnist-badft", "mnist-nodata"], "attack": "badnets",
                                  "defense": ["none", "fine-tuning"]}}, base_dir=tmp_path)
-    lines: list[str] = []
-    outcome = run_grid(cfg, tmp_path / "g", ray_cluster, log=lines.append)
+    buf = io.StringIO()
+    outcome = run_grid(cfg, tmp_path / "g", ray_cluster, progress=Progress(buf))
+    lines = buf.getvalue().splitlines()
     rows = {(r["task"], r["defense"]): r for r in _rows(tmp_path / "g")}
     assert len(rows) == 4 and outcome.ok == 1 and outcome.failed == 3
     assert rows[("mnist-badft", "none")]["status"] == "ok"

@@ -64,7 +64,7 @@ def test_no_conv_raises_with_candidates():
     with pytest.raises(LayerNotFoundError) as err:
         find_prune_layer(mlp, torch.rand(2, 16))
     msg = str(err.value)
-    assert "no convolutional layer" in msg and "1 (Linear" in msg and "--layer" in msg
+    assert "no convolutional layer" in msg and "1 (Linear" in msg and "`layer`=NAME" in msg
 
 
 def test_named_layer_and_bad_names():

@@ -1,11 +1,11 @@
 import torch
 import torchvision
 
+from fineprune.data.types import make_dataset
 from fineprune.defense.mask import clear_mask, masked_layers, pruned_channels, set_pruned
 from fineprune.defense.persist import load_pruned, save_pruned
 from fineprune.models.small import SmallCNN
 from fineprune.training import TrainConfig, train
-from fineprune.data.types import make_dataset
 
 
 def _layer_out(model, layer, x):

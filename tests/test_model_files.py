@@ -150,7 +150,7 @@ def test_torchscript_needs_an_architecture(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.jit.script(trained_cnn()).save(str(tmp_path / "m.pt"))
-    with pytest.raises(BadInputError, match="--arch") as ei:
+    with pytest.raises(BadInputError, match="`arch`") as ei:
         load_into(None, load_weights(tmp_path / "m.pt"))
     single_line(str(ei.value))
 
@@ -183,7 +183,7 @@ def test_load_into_wrong_num_classes_says_so(tmp_path: Path) -> None:
         load_into(TinyCNN(num_classes=10), load_weights(tmp_path / "m.safetensors"))
     msg = str(ei.value)
     single_line(msg)
-    assert "fc.weight" in msg and "--num-classes" in msg and "(5, 6)" in msg
+    assert "fc.weight" in msg and "`num_classes`" in msg and "(5, 6)" in msg
 
 
 def test_load_into_missing_and_unexpected_keys(tmp_path: Path) -> None:

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import re
 
+import matplotlib.pyplot as plt
 import pytest
 
 from fineprune.report.html import FigureBlock, MetricRow, ReportData, render_report, write_report
 from fineprune.report.plots import figure_png
-
-import matplotlib.pyplot as plt
 
 
 def _png() -> bytes:

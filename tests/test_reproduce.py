@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fineprune.pipeline.reproduce import ATTACKS, DEFENSES
+from fineprune.experiment import ATTACKS, DEFENSES
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 FIELDS = ("task", "attack", "defense", "clean_acc", "asr", "robust_acc", "pruned_fraction", "seconds")
@@ -98,10 +98,9 @@ def test_a_row_does_not_depend_on_what_ran_before_it():
     """Models reused from an earlier run must give the rows a fresh run gives: the defense seeds
     its own random draws (dropout) instead of inheriting the process's RNG state."""
     import torch
-
     from torch import nn
 
-    from fineprune.pipeline.reproduce import defend_one, load_task_data, prepare_task
+    from fineprune.experiment import defend_one, load_task_data, prepare_task
     from fineprune.tasks import get_task
 
     task = get_task("mnist")
@@ -124,7 +123,8 @@ def test_attacker_validation_is_held_out_of_what_its_models_train_on(tmp_path, m
     import torch
 
     import fineprune.attack.pruning_aware as pa_mod
-    import fineprune.pipeline.reproduce as rep
+    import fineprune.experiment as rep
+    import fineprune.experiment.models as models_mod
     from fineprune.tasks import get_task
 
     seen: list[tuple[str, torch.Tensor]] = []
@@ -135,12 +135,12 @@ def test_attacker_validation_is_held_out_of_what_its_models_train_on(tmp_path, m
             return real(model, data, cfg, **kw)
         return train
 
-    monkeypatch.setattr(rep, "train", recording("reproduce", rep.train))
+    monkeypatch.setattr(models_mod, "train", recording("reproduce", models_mod.train))
     monkeypatch.setattr(pa_mod, "train", recording("pruning-aware", pa_mod.train))
     task = get_task("mnist")
     data = rep.load_task_data(task, "", 0, 0.1)
     setup = rep.prepare_task(task, data, data_root=".", seed=0, subsample=0.1, epochs=1, device="cpu")
-    store = rep._ModelStore(tmp_path / "models")
+    store = rep.ModelStore(tmp_path / "models")
     clean = rep.get_model(setup, "none", store)
     rep.get_model(setup, "badnets", store)
     rep.get_model(setup, "pruning-aware", store, clean=lambda: clean[:2])

@@ -23,7 +23,6 @@ from fineprune.data.generic import load_image_folder, load_npz, load_wav_folder
 from fineprune.errors import BadInputError
 from fineprune.models.small import SmallCNN
 
-
 # Tiny models on a shared 2-core machine run far faster on one thread.
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,19 +1,12 @@
 import torch
 import torchvision
+from conftest import assert_same_curve, labels_near_model
 from torch import nn
 
 from fineprune.defense.cut import cut_at
 from fineprune.defense.sweep import cached_sweep, full_sweep, sweep
 from fineprune.evaluation.metrics import TriggeredSet
 from fineprune.models.small import SmallCNN
-
-
-def _labels_near_model(model, x, flip_every=3):
-    """Labels equal to the model's own predictions, with some flipped, so accuracy moves with k."""
-    with torch.no_grad():
-        y = model.eval()(x).argmax(1)
-    y[::flip_every] = (y[::flip_every] + 1) % 10
-    return y
 
 
 def test_cut_reproduces_forward_resnet18():
@@ -29,13 +22,11 @@ def test_cached_equals_full_plain_cnn():
     torch.manual_seed(1)
     m = SmallCNN().eval()
     x = torch.rand(96, 1, 28, 28)
-    y = _labels_near_model(m, x)
+    y = labels_near_model(m, x)
     trig = TriggeredSet(x[:40].clone(), y[:40], (y[:40] + 1) % 10)
     a = cached_sweep(m, "features.7", x, y, trig)
     b = full_sweep(m, "features.7", x, y, trig)
-    assert a.order == b.order
-    assert a.clean_correct == b.clean_correct
-    assert a.asr_hits == b.asr_hits and a.robust_hits == b.robust_hits
+    assert_same_curve(a, b)
     assert len(set(a.clean_correct)) > 3  # the curve really moves
     assert torch.allclose(torch.tensor(a.channel_means), torch.tensor(b.channel_means), atol=1e-6)
 
@@ -44,7 +35,7 @@ def test_cached_equals_full_resnet18_every_k():
     torch.manual_seed(2)
     m = torchvision.models.resnet18(weights=None, num_classes=10).eval()
     x = torch.randn(12, 3, 32, 32)
-    y = _labels_near_model(m, x)
+    y = labels_near_model(m, x)
     a = cached_sweep(m, "layer4", x, y)
     b = full_sweep(m, "layer4", x, y, batch_size=12)
     assert len(a.clean_correct) == 513

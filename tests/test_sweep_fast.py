@@ -2,6 +2,7 @@
 exactly the full protocol's counts for every k, including on exact ties and non-finite values."""
 import pytest
 import torch
+from conftest import assert_same_curve, labels_near_model
 from torch import nn
 
 from fineprune.defense.cut import cut_at
@@ -12,20 +13,6 @@ from fineprune.evaluation.metrics import TriggeredSet
 from fineprune.models.face import DeepIDFace
 from fineprune.models.small import AudioCNN1d, SmallCNN
 from fineprune.models.traffic import TrafficVGG
-
-
-def _labels(model, x, classes):
-    with torch.no_grad():
-        y = model.eval()(x).argmax(1)
-    y[::3] = (y[::3] + 1) % classes
-    return y
-
-
-def _same(a, b):
-    assert a.order == b.order
-    assert a.clean_correct == b.clean_correct
-    assert a.asr_hits == b.asr_hits and a.robust_hits == b.robust_hits
-
 
 CASES = [
     ("traffic", lambda: TrafficVGG(width=8), (3, 32, 32), 43, 32),
@@ -39,29 +26,29 @@ def test_fast_path_equals_full_every_k(name, build, shape, classes, n):
     torch.manual_seed(3)
     m = build().eval()
     x = torch.rand(n, *shape)
-    y = _labels(m, x, classes)
+    y = labels_near_model(m, x, classes)
     trig = TriggeredSet(x[: n // 2].clone(), y[: n // 2], (y[: n // 2] + 1) % classes)
     layer = find_prune_layer(m, x[:2]).name
     assert plan_head(cut_at(m, layer)).fast is not None  # the incremental path is what is tested
     a = cached_sweep(m, layer, x, y, trig, batch_size=32)
     assert a.extra["fast_path"]
     b = full_sweep(m, layer, x, y, trig, batch_size=32)
-    _same(a, b)
+    assert_same_curve(a, b)
     exact = cached_sweep(m, layer, x, y, trig, batch_size=32, fast=False)
-    _same(exact, b)
+    assert_same_curve(exact, b)
 
 
 def test_streaming_under_max_cache_equals_unbounded():
     torch.manual_seed(4)
     m = SmallCNN().eval()
     x = torch.rand(200, 1, 28, 28)
-    y = _labels(m, x, 10)
+    y = labels_near_model(m, x)
     trig = TriggeredSet(x[:90].clone(), y[:90], (y[:90] + 1) % 10)
     a = cached_sweep(m, "features.7", x, y, trig, batch_size=32)
     per_sample_mb = 64 * 3 * 3 * 4 / 2**20  # the max-pooled cache of one input
     b = cached_sweep(m, "features.7", x, y, trig, batch_size=32, max_cache_mb=70 * per_sample_mb)
     assert b.extra["streamed_samples"] > 0 and b.extra["cache_mb"] <= 70 * per_sample_mb + 1e-9
-    _same(a, b)
+    assert_same_curve(a, b)
     assert a.channel_means == b.channel_means and a.triggered_means == b.triggered_means
 
 
@@ -92,7 +79,7 @@ def test_exact_ties_are_recomputed_not_guessed():
     y = torch.randint(0, 2, (40,))
     a = cached_sweep(m, "relu", x, y)
     assert a.extra["fast_path"] and a.extra["recomputed"] > 0
-    _same(a, full_sweep(m, "relu", x, y))
+    assert_same_curve(a, full_sweep(m, "relu", x, y))
 
 
 class _InfChannel(nn.Module):
@@ -115,7 +102,7 @@ def test_non_finite_activations_match_full_passes():
     m = _InfChannel().eval()
     x = torch.rand(30, 1, 8, 8)
     y = torch.randint(0, 5, (30,))
-    _same(cached_sweep(m, "relu", x, y), full_sweep(m, "relu", x, y))
+    assert_same_curve(cached_sweep(m, "relu", x, y), full_sweep(m, "relu", x, y))
 
 
 def test_falls_back_to_exact_head_when_the_bound_certifies_little(monkeypatch):
@@ -125,10 +112,10 @@ def test_falls_back_to_exact_head_when_the_bound_certifies_little(monkeypatch):
     torch.manual_seed(7)
     m = SmallCNN().eval()
     x = torch.rand(64, 1, 28, 28)
-    y = _labels(m, x, 10)
+    y = labels_near_model(m, x)
     a = cached_sweep(m, "features.7", x, y, budget_mb=0.5)  # small budget: many step chunks
     assert a.extra["fast_path"] and a.extra["recomputed"] < a.extra["evaluated"] / 3
-    _same(a, full_sweep(m, "features.7", x, y))
+    assert_same_curve(a, full_sweep(m, "features.7", x, y))
 
 
 def test_streaming_sweep_killed_midway_resumes_to_the_same_curve(tmp_path, monkeypatch):
@@ -138,7 +125,7 @@ def test_streaming_sweep_killed_midway_resumes_to_the_same_curve(tmp_path, monke
     torch.manual_seed(5)
     m = SmallCNN().eval()
     x = torch.rand(300, 1, 28, 28)
-    y = _labels(m, x, 10)
+    y = labels_near_model(m, x)
     trig = TriggeredSet(x[:120].clone(), y[:120], (y[:120] + 1) % 10)
     limit = 64 * 64 * 3 * 3 * 4 / 2**20  # 64 samples fit: the rest streams in groups of 64
     ref = cached_sweep(m, "features.7", x, y, trig, batch_size=32, max_cache_mb=limit)
@@ -162,7 +149,7 @@ def test_streaming_sweep_killed_midway_resumes_to_the_same_curve(tmp_path, monke
     res = cached_sweep(m, "features.7", x, y, trig, batch_size=32, max_cache_mb=limit, checkpoint_path=ckpt,
                        resume=True)
     assert res.extra["resumed"] and not ref.extra["resumed"]
-    _same(ref, res)
+    assert_same_curve(ref, res)
     assert ref.order == res.order and ref.channel_means == res.channel_means
     assert ref.triggered_means == pytest.approx(res.triggered_means, rel=1e-6)
 

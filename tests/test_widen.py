@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fineprune import defend
+from fineprune import RunOptions, defend
 from fineprune.attack.widen import WidenError, widen_layer
 from fineprune.defense.layer import find_prune_layer
 from fineprune.defense.mask import pruned_channels, set_pruned
@@ -62,13 +62,13 @@ def test_layouts_that_cannot_be_widened_exactly_are_refused():
 
 
 def test_widened_pruning_aware_model_is_recorded_defended_and_reused(tmp_path, one_thread):
-    from fineprune.pipeline.reproduce import _ModelStore, get_model, load_task_data, model_recipe, prepare_task
+    from fineprune.experiment import ModelStore, get_model, load_task_data, model_recipe, prepare_task
     from fineprune.tasks import get_task
 
     task = get_task("mnist")
     data = load_task_data(task, "", 0, 0.1)
     setup = prepare_task(task, data, data_root=".", seed=0, subsample=0.1, epochs=1, device="cpu")
-    store = _ModelStore(tmp_path / "models")
+    store = ModelStore(tmp_path / "models")
     clean, clean_info, _ = get_model(setup, "none", store)
     model, info, reused = get_model(setup, "pruning-aware", store, clean=lambda: (clean, clean_info), pa_widen=5)
     assert not reused
@@ -90,6 +90,7 @@ def test_widened_pruning_aware_model_is_recorded_defended_and_reused(tmp_path, o
 
     for method in ("prune", "fine-prune"):
         res = defend(again, setup.defender_train, setup.defender_val, method,
-                     finetune=setup.ft_cfg.__class__(**{**setup.ft_cfg.to_dict(), "epochs": 1}), device="cpu")
+                     finetune=setup.ft_cfg.__class__(**{**setup.ft_cfg.to_dict(), "epochs": 1}),
+                     run=RunOptions(device="cpu"))
         assert res.num_channels == channels + 5
         assert set(info["decoys"]) <= set(res.pruned_channels)  # dormant decoys go first

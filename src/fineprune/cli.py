@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Sequence
 
 from .commands.registry import COMMANDS
-from .errors import BadInputError
+from .errors import BadInputError, as_flags
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,13 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        from .data.archive import decode_progress
+        from .progress import using
 
         _threads(args)
-        with decode_progress(not getattr(args, "quiet", False)):
+        # The channel library code deep in a command reports on (dataset decoding): stderr unless --quiet.
+        with using(not getattr(args, "quiet", False)):
             return int(args._run(args) or 0)
     except BadInputError as exc:
-        print(_one_line(f"fineprune: error: {exc}"), file=sys.stderr)
+        print(_one_line(f"fineprune: error: {as_flags(str(exc))}"), file=sys.stderr)
         return 2
     except OSError as exc:
         if exc.errno in _ENV_ERRNOS:

@@ -1,4 +1,11 @@
-"""Errors that mean "the user gave us something we cannot use" (CLI exit code 2)."""
+"""Errors that mean "the user gave us something we cannot use" (CLI exit code 2). Messages name
+options in the Python API's words, in backticks (`num_classes`, `layer`=NAME); the CLI shows flags."""
+import re
+
+
+def as_flags(message: str) -> str:
+    """`message` with its options (`val_fraction`, `layer`=NAME) written as flags (--val-fraction, --layer NAME)."""
+    return re.sub(r"`([a-z][a-z0-9_]*)`(=?)", lambda m: "--" + m[1].replace("_", "-") + " " * len(m[2]), message)
 
 
 class FinepruneError(Exception):

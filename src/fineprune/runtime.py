@@ -1,6 +1,7 @@
 """Device choice, seeding and atomic file writes: the small things every phase needs."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -58,10 +59,14 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def fingerprint(obj: Any, n: int = 16) -> str:
+    """First `n` hex digits of the SHA-256 of `obj` as canonical JSON: names stored models and
+    grid cells by what made them."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a file's bytes, read in 1 MiB chunks (models and archives can be large)."""
-    import hashlib
-
     h = hashlib.sha256()
     with Path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -72,8 +77,6 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 def run_digest(settings: dict, tensors: Iterable[torch.Tensor]) -> str:
     """SHA-256 of JSON `settings` and the dtype, shape and bytes of `tensors`: what a checkpoint
     must match to be resumed (same data, same weights, same options)."""
-    import hashlib
-
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for t in tensors:
         t = t.detach().cpu().contiguous()
@@ -98,10 +101,10 @@ def load_checkpoint(path: str | os.PathLike[str], key: str, what: str = "checkpo
         ok = isinstance(state, dict) and state.get("key") == key
     except Exception as exc:  # a torn or foreign file
         raise BadInputError(f"cannot resume from {path} ({type(exc).__name__}); delete it or run "
-                            "without --resume") from None
+                            "without `resume`") from None
     if not ok:
         raise BadInputError(f"{path} is a {what} of a different run (other data, settings or model); "
-                            "delete it or run without --resume")
+                            "delete it or run without `resume`")
     return state
 
 
@@ -149,12 +152,12 @@ def default_threads() -> int:
     return max(1, min(usable, phys) if phys else usable)
 
 
-def busy_hint(threads: int, how: str = "--threads {n}") -> str | None:
+def busy_hint(threads: int, how: str = "set_threads({n})") -> str | None:
     """A one-line suggestion when the 1-minute load average says other work already holds CPUs
     that `threads` threads would compete for (on a busy 2-core machine 2 threads ran 3.6x slower
     than 1); None when the machine looks free. Only a hint: the thread count is never changed by
     load, as that would make results depend on what else happened to be running. `how` says how
-    to ask for `{n}` threads with the command at hand."""
+    to ask for `{n}` threads (the CLI names its command's way)."""
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):

@@ -94,6 +94,7 @@ class TaskSpec:
 
 FACE_TARGET = 0  # yaleB01, the first person in sorted order
 
+DEFAULT_DATA_ROOT = "../shared/data"  # where `reproduce` and `grid` look for the datasets unless told
 TASKS: dict[str, TaskSpec] = {}
 
 

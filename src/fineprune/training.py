@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
-from tqdm.auto import tqdm
 
 from .data.types import tensors
+from .progress import Progress, as_progress
 from .runtime import load_checkpoint, run_digest, save_checkpoint
 
 
@@ -145,7 +145,7 @@ def train(
     val_fn: Callable[[nn.Module], float] | None = None,
     extra_fn: Callable[[nn.Module], float] | None = None,
     keep_best: bool = False,
-    progress: bool = False,
+    progress: bool | Progress = False,
     desc: str = "train",
     checkpoint_path: str | os.PathLike[str] | None = None,
     resume: bool = False,
@@ -159,8 +159,9 @@ def train(
     leaves the previous epoch's checkpoint intact). With `resume` and an existing checkpoint,
     training continues after its last epoch and ends exactly as an uninterrupted run would; a
     checkpoint from another run (other data, settings or starting weights) is refused.
-    `on_epoch` sees each finished epoch's record (progress lines: print them with `tqdm.write`
-    so they land above the bar). `progress` shows one bar over all epochs' samples (stderr)."""
+    `on_epoch` sees each finished epoch's record (progress lines: send them to a `Progress`'s `log`
+    so they land above the bar). `progress` (a `Progress`, or True for stderr) shows one bar over
+    all epochs' samples."""
     if cfg.epochs < 0:
         raise ValueError("epochs must be >= 0")
     x, y = tensors(data)
@@ -185,13 +186,13 @@ def train(
         first, best_score, best_state = _load_checkpoint(Path(checkpoint_path), key, model, opt, sched, gen, hist)
     # One bar over every sample of every epoch, so it moves (with time left) within an epoch too.
     n = x.shape[0]
-    with tqdm(total=cfg.epochs * n, initial=(first - 1) * n, desc=desc, unit="sample", unit_scale=True,
-              disable=not progress, leave=False, mininterval=0.5) as bar:
+    with as_progress(progress).bar(cfg.epochs * n, desc, unit="sample", initial=(first - 1) * n, unit_scale=True,
+                                   leave=False, mininterval=0.5) as bar:
         for epoch in range(first, cfg.epochs + 1):
             bar.set_description_str(f"{desc} epoch {epoch}/{cfg.epochs}", refresh=False)
             t0 = time.perf_counter()
             loss = train_one_epoch(model, x, y, opt, cfg.batch_size, gen, device, sched,
-                                   on_batch=bar.update if progress else None)
+                                   on_batch=bar.update)
             rec = EpochRecord(epoch=epoch, train_loss=loss)
             if val_fn is not None:
                 rec.val_acc = val_fn(model)

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from ..data.types import tensors
-from ..defense.api import Pruning
+from ..defense.api import DEFAULT_THRESHOLD, Pruning, RunOptions
 from ..defense.layer import producer_chain
 from ..defense.mask import clear_mask
 from ..evaluation.metrics import accuracy, attack_metrics
@@ -53,7 +53,7 @@ class PruningAwareResult:
     val_asr: float
     rounds: list[dict] = field(default_factory=list)
     seconds: float = 0.0
-    attacker_threshold: float = 4.0  # the stop rule the attacker pruned with (see `escalate`)
+    attacker_threshold: float = DEFAULT_THRESHOLD  # the stop rule the attacker pruned with (see `escalate`)
     survival_asr: float | None = None  # attacker-val ASR after the simulated defender's pruning
     attempts: list[dict] = field(default_factory=list)
     widen: dict | None = None  # WidenInfo.to_dict() when the pruned layer was widened (else None)
@@ -80,7 +80,7 @@ class PruningAwareAttack:
     """Steps 2-5 of the attack on a clean model (step 1 is the caller's ordinary training)."""
 
     badnets: BadNets
-    threshold: float = 4.0
+    threshold: float = DEFAULT_THRESHOLD
     backdoor: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=5, lr=1e-3, optimizer="adam", weight_decay=0.0, schedule="constant"))
     decoy_value: float = -1e20  # the authors' released model uses -1e20: decoys never fire
@@ -119,8 +119,8 @@ class PruningAwareAttack:
         best, attempts = None, []
         for i, extra in enumerate(self.escalate):
             res = self._attempt(clean_model, train_data, val_data, trig_val, self.threshold + extra, i, dev)
-            sim = Pruning(res.model, layer=res.layer, threshold=self.threshold, device=dev, seed=self.seed).fit(
-                val_data, trig_val)
+            sim = Pruning(self.threshold, res.layer).fit(res.model, val_data, trig_val,
+                                                         RunOptions(device=dev, seed=self.seed))
             res.survival_asr = float(sim.after.asr)
             attempts.append({"attempt": i + 1, "attacker_threshold": self.threshold + extra,
                              "decoys": len(res.decoys), "rounds": len(res.rounds), "val_acc": res.val_acc,
@@ -137,8 +137,7 @@ class PruningAwareAttack:
     def _attempt(self, clean_model: nn.Module, train_data: TensorDataset, val_data: TensorDataset,
                  trig_val, threshold: float, attempt: int, dev: torch.device) -> PruningAwareResult:
         """Steps 2-5 once, pruning the clean model with `threshold` points."""
-        pruning = Pruning(clean_model, layer=self.layer, threshold=threshold, device=dev, seed=self.seed)
-        pr = pruning.fit(val_data)
+        pr = Pruning(threshold, self.layer).fit(clean_model, val_data, run=RunOptions(device=dev, seed=self.seed))
         model, layer, decoys = pr.model, pr.layer, list(pr.pruned_channels)
         clean_acc = pr.before.clean_acc
         x, _ = tensors(val_data)

@@ -6,7 +6,7 @@ convolution (and of any BatchNorm between it and the ReLU), and matching zero in
 every layer that reads those channels (a convolution, or a Linear after a flatten), so the network
 computes exactly what it computed before; training then grows the new channels. The network no
 longer matches its architecture's constructor: whoever loads it rebuilds it with the same call on a
-freshly built model (see `pipeline.reproduce.TaskSetup.builder`): in Python,
+freshly built model (see `experiment.setup.TaskSetup.builder`): in Python,
 `widen_layer(build_arch("demo-cnn", 10), "features.7", 16, example)` then `load_pruned`; for
 `fineprune defend`, a factory of one's own doing the same, passed as `--arch package.module:function`.
 

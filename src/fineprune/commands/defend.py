@@ -6,10 +6,9 @@ work. Flags given on the command line win over the config file.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from .registry import command
 from ..defense.api import METHODS
+from .registry import command
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -109,8 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline.defend_files import defend_files
 
     job = _job(args)
-    echo = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    res = defend_files(job, progress=not args.quiet, echo=echo)
+    res = defend_files(job, progress=not args.quiet)  # bars and phase lines on stderr unless --quiet
     if not args.quiet:
         _print_summary(res)
     return 0

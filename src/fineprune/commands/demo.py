@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
+from ..defense.stop_rule import DEFAULT_THRESHOLD
 from .registry import command
 
 
 def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="fineprune-demo", help="output folder (default ./fineprune-demo)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threshold", type=float, default=4.0, help="stop rule, accuracy points (default 4)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help="stop rule, accuracy points (default %(default)g)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -20,8 +23,9 @@ def _args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the whole story (attack, four defenses) on 5,000 embedded MNIST digits."""
     from ..defense.stop_rule import check_threshold
-    from ..demo import DemoConfig, format_table, run_demo
     from ..errors import BadInputError
+    from ..experiment.demo import DemoConfig, format_table, run_demo
+    from ..progress import Progress
 
     try:
         check_threshold(args.threshold)
@@ -31,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print("fineprune demo: MNIST (5,000 real digits), BadNets 3x3 patch, 10% poisoning, target 0")
     rows = run_demo(args.out, DemoConfig(seed=args.seed, threshold=args.threshold),
-                    progress=not args.quiet, device=args.device)
+                    progress=False if args.quiet else Progress(sys.stdout), device=args.device)
     print()
     print("Test-set results (CA = clean accuracy, ASR = attack success rate):")
     print(format_table(rows))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from .registry import command
@@ -32,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     """Run an experiment grid (seeds, thresholds, attacks, tasks) on Ray, locally or on a cluster."""
     from ..errors import BadInputError
     from ..grid import load_config, run_grid, summarize_only
+    from ..progress import Progress
 
     cfg = load_config(args.config)
     if args.num_cpus is not None and args.num_cpus < 1:
@@ -44,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{summary['ok']} of {summary['cells']} cells done, {summary['failed']} failed")
         return EXIT_CELLS_FAILED if summary["failed"] else 0
     t0 = time.perf_counter()
-    outcome = run_grid(cfg, args.out, args.ray_address, num_cpus=args.num_cpus, verbose=args.ray_logs)
+    outcome = run_grid(cfg, args.out, args.ray_address, num_cpus=args.num_cpus, verbose=args.ray_logs,
+                       progress=Progress(sys.stdout))  # the driver's lines on stdout, with the summary
     out = outcome.out
     print((out / "summary.md").read_text())
     s = outcome.summary

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
+from ..defense.stop_rule import DEFAULT_THRESHOLD
+from ..tasks import DEFAULT_DATA_ROOT
 from .registry import command
 
 TASKS = ("face", "speech", "traffic")  # "all": the paper's three; "mnist" runs on embedded data
@@ -12,11 +15,12 @@ TASKS = ("face", "speech", "traffic")  # "all": the paper's three; "mnist" runs 
 
 def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=(*TASKS, "mnist", "all"), default="all")
-    p.add_argument("--data-root", default="../shared/data",
-                   help="folder with the dataset archives or extracted folders (default ../shared/data)")
+    p.add_argument("--data-root", default=DEFAULT_DATA_ROOT,
+                   help=f"folder with the dataset archives or extracted folders (default {DEFAULT_DATA_ROOT})")
     p.add_argument("--out", default="fineprune-reproduce", help="output folder; trained models are reused from it")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threshold", type=float, default=4.0, help="stop rule, accuracy points (default 4)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help="stop rule, accuracy points (default %(default)g)")
     p.add_argument("--subsample", type=float, default=1.0, help="use this fraction of every split (quick looks)")
     p.add_argument("--epochs", type=int, default=None, help="override the attacker's training epochs")
     p.add_argument("--finetune-epochs", type=int, default=None)
@@ -37,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     """Train clean / BadNets / pruning-aware models per task and run every defense on them."""
     from ..defense.stop_rule import check_threshold
     from ..errors import BadInputError
-    from ..pipeline.reproduce import ReproduceConfig, run_reproduce
+    from ..experiment.reproduce import ReproduceConfig, run_reproduce
+    from ..progress import Progress
 
     try:
         check_threshold(args.threshold)
@@ -57,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     cfg = ReproduceConfig(tasks=tasks, data_root=args.data_root, out=args.out, seed=args.seed,
                           threshold=args.threshold, subsample=args.subsample, epochs=args.epochs,
-                          finetune_epochs=args.finetune_epochs, device=args.device, progress=not args.quiet,
+                          finetune_epochs=args.finetune_epochs, device=args.device,
+                          progress=False if args.quiet else Progress(sys.stdout),
                           timings=args.timings)
     run_reproduce(cfg)
     out = Path(args.out)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 from .registry import command
@@ -46,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..errors import BadInputError
+    from ..experiment.train import save_trained, train_task
     from ..pipeline.outdir import check_out_dir, prepare_out_dir, refuse_interrupted
-    from ..task_training import save_trained, train_task
+    from ..progress import Progress
     from ..tasks import get_task
     from ..training import TrainConfig
 
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.resume:
         checkpoint.unlink(missing_ok=True)  # --force: a kill before epoch 1 must not leave the old one
     trained = train_task(spec, data, attack=attack, cfg=cfg, seed=args.seed, device=args.device,
-                         progress=not args.quiet, checkpoint_path=checkpoint, resume=args.resume)
+                         progress=False if args.quiet else Progress(sys.stdout), checkpoint_path=checkpoint, resume=args.resume)
     trained.record["seconds"]["wall"] = round(time.perf_counter() - t0, 2)
     weights, meta = save_trained(trained, out)
     checkpoint.unlink(missing_ok=True)  # the run is complete: nothing left to resume

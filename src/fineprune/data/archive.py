@@ -13,13 +13,11 @@ import lzma
 import os
 import tarfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from fineprune.errors import BadInputError
+from fineprune.progress import current
 from fineprune.runtime import sha256_file as _sha256_bytes
 
 ARCHIVE_SUFFIX = ".tar.xz"
@@ -27,27 +25,6 @@ ARCHIVE_SUFFIX = ".tar.xz"
 # Hashing a 100 MB archive costs a fraction of a second, but loaders may be called many times in one
 # process (tests, sweeps); remember the digest while the file's size and mtime are unchanged.
 _SHA_MEMO: dict[tuple[str, int, int], str] = {}
-
-#: Whether reading a dataset shows a progress bar (the first decode of GTSRB takes minutes on a
-#: small machine). Off for library use and tests; the CLI turns it on unless --quiet.
-_SHOW_PROGRESS = False
-
-
-@contextmanager
-def decode_progress(enabled: bool = True) -> Iterator[None]:
-    """Within the block, `Source.members` shows a progress bar (stderr) with bytes and files read."""
-    global _SHOW_PROGRESS
-    previous, _SHOW_PROGRESS = _SHOW_PROGRESS, enabled
-    try:
-        yield
-    finally:
-        _SHOW_PROGRESS = previous
-
-
-def progress_enabled() -> bool:
-    """True inside `decode_progress(True)` (the CLI without --quiet)."""
-    return _SHOW_PROGRESS
-
 
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file's bytes, remembered while its size and mtime are unchanged."""
@@ -79,14 +56,15 @@ class Source:
     def members(self, select: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
         """(relative posix name, bytes) of every regular file whose name `select` accepts.
 
-        Archive order is the archive's; callers that need a stable order sort by name.
+        Archive order is the archive's; callers that need a stable order sort by name. Reading
+        shows a bar on `fineprune.progress.current()` (the first decode of GTSRB takes minutes on a
+        small machine; quiet unless the caller, e.g. the CLI, set a channel with `using`).
         """
         if self.kind == "archive":
             yield from self._archive_members(select)
         else:
             files = self._dir_files(select)
-            with tqdm(total=len(files), desc=f"reading {self.path.name}", unit="file", disable=not _SHOW_PROGRESS,
-                      mininterval=1.0) as bar:
+            with current().bar(len(files), f"reading {self.path.name}", unit="file", mininterval=1.0) as bar:
                 for rel, full in files:
                     yield rel, full.read_bytes()
                     bar.update(1)
@@ -108,8 +86,8 @@ class Source:
         # without a second pass), with the number of files read beside it.
         try:
             with (open(self.path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:xz") as tf,
-                  tqdm(total=self.path.stat().st_size, desc=f"reading {self.path.name}", unit="B", unit_scale=True,
-                       unit_divisor=1024, disable=not _SHOW_PROGRESS, mininterval=1.0) as bar):
+                  current().bar(self.path.stat().st_size, f"reading {self.path.name}", unit="B", unit_scale=True,
+                                unit_divisor=1024, mininterval=1.0) as bar):
                 files = 0
                 for member in tf:
                     bar.update(raw.tell() - bar.n)

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
@@ -25,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from fineprune.data.archive import progress_enabled
+from fineprune.progress import current
 from fineprune.runtime import atomic_path
 
 log = logging.getLogger(__name__)
@@ -98,20 +97,15 @@ def cached_arrays(
         if not missing:
             return arrays, path, True
         log.warning("cache file %s lacks %s (older format); decoding again", path, sorted(missing))
-    say = _say if progress_enabled() else (lambda _msg: None)
-    say(f"first load of the {loader} data: decoding it once (later loads read {path})")
+    say = current().log  # the caller's channel (the CLI: stderr, like the bars; stdout stays the results)
+    say(f"fineprune: first load of the {loader} data: decoding it once (later loads read {path})")
     t0 = time.perf_counter()
     arrays = decode()
     # Every loader stores its labels as `y` or `y_<split>`: one per sample.
     samples = sum(len(v) for k, v in arrays.items() if (k == "y" or k.startswith("y_")) and v.ndim)
-    say(f"decoded the {loader} data ({samples} samples) in {time.perf_counter() - t0:.0f}s")
+    say(f"fineprune: decoded the {loader} data ({samples} samples) in {time.perf_counter() - t0:.0f}s")
     try:
         write_arrays(path, arrays)
     except OSError as exc:
         log.warning("could not write cache file %s (%s); the next load will decode again", path, exc)
     return arrays, path, False
-
-
-def _say(message: str) -> None:
-    """Progress lines go to stderr, like the progress bars, so stdout stays the results."""
-    print(f"fineprune: {message}", file=sys.stderr, flush=True)

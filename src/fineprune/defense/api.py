@@ -1,14 +1,15 @@
 """The three defenses behind one API: pruning, fine-tuning and fine-pruning.
 
-Each is a class with one verb, `fit`, returning a `DefenseResult`; `defend()` picks one by name.
-The input model is never modified: every defense works on a deep copy.
+Each is a small dataclass of its algorithm's settings with one verb, `fit(model, ...)`, returning a
+`DefenseResult`; how it runs (device, seed, checkpoints, memory) is a `RunOptions`, passed to `fit`.
+`defend()` picks one by name. The input model is never modified: every defense works on a deep copy.
 """
 from __future__ import annotations
 
 import copy
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -16,11 +17,12 @@ from torch.utils.data import TensorDataset
 
 from ..data.types import tensors
 from ..evaluation.metrics import Metrics, TriggeredSet, accuracy, attack_metrics, evaluate
+from ..progress import Progress
 from ..runtime import pick_device
 from ..training import TrainConfig, TrainHistory, train
 from .layer import LayerChoice, find_prune_layer
 from .mask import set_pruned
-from .stop_rule import check_threshold, stop_point
+from .stop_rule import DEFAULT_THRESHOLD, check_threshold, stop_point
 from .sweep import SweepCurve, sweep
 
 METHODS = ("fine-prune", "prune", "fine-tune")
@@ -53,6 +55,7 @@ class DefenseResult:
     before: Metrics
     after: Metrics
     sweep: SweepCurve | None = None
+    stop_k: int | None = None  # channels pruned by the stop rule (None: nothing was swept)
     finetune: TrainHistory | None = None
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
@@ -63,84 +66,85 @@ class DefenseResult:
         return len(self.pruned_channels) / self.num_channels if self.num_channels else 0.0
 
 
-def _example(data: TensorDataset, device: torch.device) -> torch.Tensor:
-    x, _ = tensors(data)
-    if x.shape[0] == 0:
-        raise ValueError("the clean validation set is empty")
-    return x[:2].to(device)
+@dataclass(frozen=True)
+class RunOptions:
+    """How a defense runs, not what it computes: device, seed, progress, checkpoints and resuming,
+    the sweep's memory. Kept apart from the algorithms' settings because none of them changes the
+    result (the seed only fixes fine-tuning's random draws, so that a rerun repeats a run)."""
+
+    device: str | torch.device | None = None
+    seed: int = 0
+    progress: bool | Progress = False  # a Progress, or True for bars on stderr
+    checkpoint_path: str | os.PathLike[str] | None = None  # fine-tuning checkpoints (see training.train)
+    sweep_checkpoint_path: str | os.PathLike[str] | None = None  # streaming-sweep checkpoints (see sweep)
+    resume: bool = False
+    sweep_mode: str = "auto"
+    budget_mb: float = 256.0  # working memory of the sweep's batched head calls
+    max_cache_mb: float | None = None  # bound on the sweep's cached features (None: no bound)
 
 
 class _Defense:
+    """The steps the defenses share; each subclass is a dataclass of its algorithm's settings."""
+
     method = ""
+    threshold: float
+    layer: str | None
+    finetune: TrainConfig | None
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        layer: str | None = None,
-        threshold: float = 4.0,
-        finetune: TrainConfig | None = None,
-        device: str | torch.device | None = None,
-        seed: int = 0,
-        sweep_mode: str = "auto",
-        budget_mb: float = 256.0,
-        max_cache_mb: float | None = None,
-        progress: bool = False,
-        checkpoint_path: str | os.PathLike[str] | None = None,
-        sweep_checkpoint_path: str | os.PathLike[str] | None = None,
-        resume: bool = False,
-    ) -> None:
-        self.source = model
-        self.checkpoint_path = checkpoint_path  # fine-tuning checkpoints (see training.train)
-        self.sweep_checkpoint_path = sweep_checkpoint_path  # streaming-sweep checkpoints (see sweep)
-        self.resume = resume
-        self.layer = layer
-        self.threshold = check_threshold(threshold)
-        self.finetune_cfg = finetune or copy.deepcopy(DEFAULT_FINETUNE)
-        self.device = pick_device(device)
-        self.seed = seed
-        self.sweep_mode = sweep_mode
-        self.budget_mb = budget_mb  # working memory of the sweep's batched head calls
-        self.max_cache_mb = max_cache_mb  # bound on the sweep's cached features (None: no bound)
-        self.progress = progress
+    def __post_init__(self) -> None:
+        self.threshold = check_threshold(self.threshold)
 
-    def _copy(self) -> nn.Module:
-        model = copy.deepcopy(self.source).to(self.device)
+    def _fit(self, model: nn.Module, train_data: TensorDataset | None, val: TensorDataset,
+             triggered: TriggeredSet | None, run: RunOptions | None) -> DefenseResult:
+        """On a copy of `model`: measure, prune and/or fine-tune (as `method` says), measure again."""
+        t0 = time.perf_counter()
+        run = replace(run or RunOptions(), device=pick_device(run and run.device))
+        model = copy.deepcopy(model).to(run.device)
         model.eval()
-        return model
+        before = evaluate(model, val, triggered, run.device)
+        out: dict = {"layer": None, "num_channels": 0, "pruned_channels": [], "timings": {}}
+        if self.method != "fine-tune":
+            choice, curve, k = self._prune(model, val, triggered, run)
+            out.update(layer=choice.name, num_channels=choice.channels, sweep=curve, stop_k=k,
+                       pruned_channels=list(curve.order[:k]), timings={"sweep": curve.seconds})
+        if self.method != "prune":
+            out["finetune"], out["warnings"] = self._finetune(model, train_data, val, triggered, before, run)
+            out["timings"]["fine-tune"] = out["finetune"].seconds
+        return DefenseResult(method=self.method, model=model, before=before,
+                             after=evaluate(model, val, triggered, run.device),
+                             threshold=self.threshold if self.method != "fine-tune" else None,
+                             seconds=time.perf_counter() - t0, **out)
 
-    def _choose_layer(self, model: nn.Module, val: TensorDataset) -> LayerChoice:
-        return find_prune_layer(model, _example(val, self.device), self.layer)
-
-    def _prune(self, model: nn.Module, val: TensorDataset, triggered: TriggeredSet | None
-               ) -> tuple[LayerChoice, SweepCurve, list[int]]:
-        choice = self._choose_layer(model, val)
+    def _prune(self, model: nn.Module, val: TensorDataset, triggered: TriggeredSet | None,
+               run: RunOptions) -> tuple[LayerChoice, SweepCurve, int]:
         x, y = tensors(val)
-        curve = sweep(model, choice.name, x, y, triggered, mode=self.sweep_mode,
-                      device=self.device, progress=self.progress, budget_mb=self.budget_mb,
-                      max_cache_mb=self.max_cache_mb, checkpoint_path=self.sweep_checkpoint_path,
-                      resume=self.resume)
+        if x.shape[0] == 0:
+            raise ValueError("the clean validation set is empty")
+        choice = find_prune_layer(model, x[:2].to(run.device), self.layer)
+        curve = sweep(model, choice.name, x, y, triggered, mode=run.sweep_mode,
+                      device=run.device, progress=run.progress, budget_mb=run.budget_mb,
+                      max_cache_mb=run.max_cache_mb, checkpoint_path=run.sweep_checkpoint_path,
+                      resume=run.resume)
         k = stop_point(curve.clean_correct, curve.num_clean, self.threshold)
-        pruned = curve.order[:k]
-        set_pruned(model, choice.name, pruned, choice.channels)
-        curve.extra["stop_k"] = k
-        return choice, curve, pruned
+        set_pruned(model, choice.name, curve.order[:k], choice.channels)
+        return choice, curve, k
 
     def _finetune(self, model: nn.Module, train_data: TensorDataset, val: TensorDataset,
-                  triggered: TriggeredSet | None, before: Metrics) -> tuple[TrainHistory, list[str]]:
+                  triggered: TriggeredSet | None, before: Metrics, run: RunOptions
+                  ) -> tuple[TrainHistory, list[str]]:
         """Fine-tune in place, keeping the epoch with the best validation accuracy; then the
         accuracy guard: if even that epoch is more than `threshold` points below the original model
         on validation data (counted as the stop rule counts), fine-tuning diverged or over-fitted,
         and the model from before fine-tuning (pruned only, or the original) is kept instead, with
         a warning. So nothing a defense returns is worse than its own guard."""
         start = copy.deepcopy(model.state_dict())
-        extra = (lambda m: attack_metrics(m, triggered, self.device)[0]) if triggered is not None else None
-        hist = train(model, train_data, self.finetune_cfg, device=self.device, seed=self.seed,
-                     val_fn=lambda m: accuracy(m, val, self.device), extra_fn=extra,
-                     keep_best=True, progress=self.progress, desc="fine-tune",
-                     checkpoint_path=self.checkpoint_path, resume=self.resume)
+        extra = (lambda m: attack_metrics(m, triggered, run.device)[0]) if triggered is not None else None
+        hist = train(model, train_data, self.finetune or copy.deepcopy(DEFAULT_FINETUNE), device=run.device,
+                     seed=run.seed, val_fn=lambda m: accuracy(m, val, run.device), extra_fn=extra,
+                     keep_best=True, progress=run.progress, desc="fine-tune",
+                     checkpoint_path=run.checkpoint_path, resume=run.resume)
         n = len(val)
-        base, best = round(before.clean_acc * n), round(accuracy(model, val, self.device) * n)
+        base, best = round(before.clean_acc * n), round(accuracy(model, val, run.device) * n)
         if base - best <= self.threshold / 100.0 * n + 1e-9:
             return hist, []
         model.load_state_dict(start)
@@ -151,62 +155,47 @@ class _Defense:
                       f"{100 * base / n:.1f}% (diverged or over-fitted; a lower learning rate may help); "
                       f"the output is {kept}, as before fine-tuning"]
 
-    def _result(self, model: nn.Module, before: Metrics, val: TensorDataset,
-                triggered: TriggeredSet | None, t0: float, **kw) -> DefenseResult:
-        after = evaluate(model, val, triggered, self.device)
-        return DefenseResult(method=self.method, model=model, before=before, after=after,
-                             threshold=self.threshold if self.method != "fine-tune" else None,
-                             seconds=time.perf_counter() - t0, **kw)
 
-
+@dataclass
 class Pruning(_Defense):
-    """Prune the lowest-activation channels of the last conv layer while validation accuracy
-    stays within `threshold` points of the original (the paper's pruning defense)."""
+    """Prune the lowest-activation channels of the last conv layer (or `layer`) while validation
+    accuracy stays within `threshold` points of the original (the paper's pruning defense)."""
 
+    threshold: float = DEFAULT_THRESHOLD
+    layer: str | None = None
     method = "prune"
 
-    def fit(self, clean_val: TensorDataset, triggered: TriggeredSet | None = None) -> DefenseResult:
-        t0 = time.perf_counter()
-        model = self._copy()
-        before = evaluate(model, clean_val, triggered, self.device)
-        choice, curve, pruned = self._prune(model, clean_val, triggered)
-        return self._result(model, before, clean_val, triggered, t0, layer=choice.name,
-                            num_channels=choice.channels, pruned_channels=list(pruned), sweep=curve,
-                            timings={"sweep": curve.seconds})
+    def fit(self, model: nn.Module, clean_val: TensorDataset, triggered: TriggeredSet | None = None,
+            run: RunOptions | None = None) -> DefenseResult:
+        return self._fit(model, None, clean_val, triggered, run)
 
 
+@dataclass
 class FineTuning(_Defense):
-    """Retrain all weights briefly on clean data (keeps the epoch with the best validation accuracy)."""
+    """Retrain all weights briefly on clean data (keeps the epoch with the best validation accuracy;
+    `threshold` is the accuracy guard, see `_finetune`). `finetune`: None for DEFAULT_FINETUNE."""
 
+    finetune: TrainConfig | None = None
+    threshold: float = DEFAULT_THRESHOLD
     method = "fine-tune"
 
-    def fit(self, clean_train: TensorDataset, clean_val: TensorDataset,
-            triggered: TriggeredSet | None = None) -> DefenseResult:
-        t0 = time.perf_counter()
-        model = self._copy()
-        before = evaluate(model, clean_val, triggered, self.device)
-        hist, warnings = self._finetune(model, clean_train, clean_val, triggered, before)
-        return self._result(model, before, clean_val, triggered, t0, layer=None, num_channels=0,
-                            pruned_channels=[], finetune=hist, timings={"fine-tune": hist.seconds},
-                            warnings=warnings)
+    def fit(self, model: nn.Module, clean_train: TensorDataset, clean_val: TensorDataset,
+            triggered: TriggeredSet | None = None, run: RunOptions | None = None) -> DefenseResult:
+        return self._fit(model, clean_train, clean_val, triggered, run)
 
 
+@dataclass
 class FinePruning(_Defense):
     """Prune (with the stop rule), then fine-tune with the pruned channels held at zero."""
 
+    threshold: float = DEFAULT_THRESHOLD
+    layer: str | None = None
+    finetune: TrainConfig | None = None
     method = "fine-prune"
 
-    def fit(self, clean_train: TensorDataset, clean_val: TensorDataset,
-            triggered: TriggeredSet | None = None) -> DefenseResult:
-        t0 = time.perf_counter()
-        model = self._copy()
-        before = evaluate(model, clean_val, triggered, self.device)
-        choice, curve, pruned = self._prune(model, clean_val, triggered)
-        hist, warnings = self._finetune(model, clean_train, clean_val, triggered, before)
-        return self._result(model, before, clean_val, triggered, t0, layer=choice.name,
-                            num_channels=choice.channels, pruned_channels=list(pruned), sweep=curve,
-                            finetune=hist, timings={"sweep": curve.seconds, "fine-tune": hist.seconds},
-                            warnings=warnings)
+    def fit(self, model: nn.Module, clean_train: TensorDataset, clean_val: TensorDataset,
+            triggered: TriggeredSet | None = None, run: RunOptions | None = None) -> DefenseResult:
+        return self._fit(model, clean_train, clean_val, triggered, run)
 
 
 def defend(
@@ -216,20 +205,24 @@ def defend(
     method: str = "fine-prune",
     *,
     triggered: TriggeredSet | None = None,
-    **options,
+    threshold: float = DEFAULT_THRESHOLD,
+    layer: str | None = None,
+    finetune: TrainConfig | None = None,
+    run: RunOptions | None = None,
 ) -> DefenseResult:
     """Run one defense by name ("fine-prune", "prune" or "fine-tune") on a copy of `model`.
 
     `clean_val` chooses everything (ranking, stop point, fine-tuning epoch); `triggered`, if given,
-    is only measured. Options: layer, threshold (points, default 4), finetune (TrainConfig),
-    device, seed, sweep_mode, budget_mb and max_cache_mb (sweep memory), progress,
-    checkpoint_path (fine-tuning), sweep_checkpoint_path (a sweep that streams) and resume.
+    is only measured. `threshold`: points (the stop rule and fine-tuning's accuracy guard); `layer`:
+    the pruned layer (None: the last conv layer; fine-tune ignores it); `finetune`: None for
+    DEFAULT_FINETUNE (prune ignores it); `run`: how it runs (RunOptions: nothing that changes the result).
     """
     if method == "prune":
-        return Pruning(model, **options).fit(clean_val, triggered)
+        return Pruning(threshold=threshold, layer=layer).fit(model, clean_val, triggered, run)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     if clean_train is None:
         raise ValueError(f"method {method!r} needs clean training data for fine-tuning")
-    cls = FinePruning if method == "fine-prune" else FineTuning
-    return cls(model, **options).fit(clean_train, clean_val, triggered)
+    if method == "fine-tune":
+        return FineTuning(finetune, threshold).fit(model, clean_train, clean_val, triggered, run)
+    return FinePruning(threshold, layer, finetune).fit(model, clean_train, clean_val, triggered, run)

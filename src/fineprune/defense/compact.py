@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import BadInputError
 from ..io.model_files import load_into, load_weights, save_weights
-from .layer import _trace_calls
+from .layer import trace_calls
 from .mask import clear_mask, keep_mask, pruned_channels
 
 COMPACT_KEY = "fineprune.compact"
@@ -82,7 +82,7 @@ def anchor_of(model: nn.Module, layer: str, example: torch.Tensor, channels: int
     """The last conv/linear/norm module, run at or before `layer` finishes, whose output carries the
     same channels (dim 1 of size `channels`): the module whose output channels the cut starts from
     (and whose per-channel parameters `bake.bake_masks` zeroes). Raises ValueError if none."""
-    calls = _trace_calls(model, example)
+    calls = trace_calls(model, example)
     end = next((i for i, c in enumerate(calls) if c.name == layer), None)
     if end is None:
         raise ValueError(f"layer {layer!r} did not run on the example input")
@@ -188,7 +188,7 @@ def compact_model(
             f"{res.max_abs_diff:.3g} > {tol:g}): the channels are zeroed only at the output of {layer} "
             f"but are still used elsewhere (e.g. a ResNet stage's residual stream, which runs "
             f"through every block of the stage). The masked model.safetensors is exact; "
-            f"choose a layer inside a block (--layer) to get a compact export")
+            f"choose a layer inside a block (`layer`) to get a compact export")
     compact = work
     res.macs_after, res.params_after = _count(compact, example)
     res.exported, res.model = True, compact

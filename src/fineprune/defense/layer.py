@@ -47,8 +47,8 @@ class _Call:
     output: object
 
 
-def _trace_calls(model: nn.Module, example: torch.Tensor) -> list[_Call]:
-    """Every module call of one forward pass, in completion order (children before parents)."""
+def trace_calls(model: nn.Module, example: torch.Tensor) -> list[_Call]:
+    """Every module call (name, module, inputs, output) of one eval-mode pass, children before parents."""
     calls: list[_Call] = []
     handles = []
     for name, module in model.named_modules():
@@ -90,7 +90,7 @@ def find_prune_layer(
     """
     if name is None and isinstance(getattr(model, "prune_layer", None), str):
         name = model.prune_layer
-    calls = _trace_calls(model, example)
+    calls = trace_calls(model, example)
     counts: dict[str, int] = {}
     for c in calls:
         counts[c.name] = counts.get(c.name, 0) + 1
@@ -121,7 +121,7 @@ def find_prune_layer(
     if not conv_idx:
         raise LayerNotFoundError(
             "no convolutional layer (Conv1d/Conv2d/Conv3d) found; pass the layer to prune by name "
-            f"(--layer NAME). Modules with channel outputs: {_describe(calls)}"
+            f"(`layer`=NAME). Modules with channel outputs: {_describe(calls)}"
         )
     start = conv_idx[-1]
     current = calls[start].output
@@ -154,7 +154,7 @@ def producer_chain(model: nn.Module, example: torch.Tensor, layer: str) -> list[
 
     Used to find where a channel can be switched off by its weights (e.g. the bias before a ReLU).
     """
-    calls = _trace_calls(model, example)
+    calls = trace_calls(model, example)
     mine = [c for c in calls if c.name == layer]
     if len(mine) != 1:
         raise LayerNotFoundError(f"module {layer!r} must run exactly once per forward")

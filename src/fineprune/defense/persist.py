@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 
-import torch
 from torch import nn
 
 from ..errors import BadInputError

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+DEFAULT_THRESHOLD = 4.0  # the paper's fine-pruning stop rule: prune while clean validation accuracy stays within 4 points
+
 
 def check_threshold(threshold: float) -> float:
     """Thresholds are percentage points in [0, 100]."""

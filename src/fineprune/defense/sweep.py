@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..progress import Progress, as_progress
 from ..runtime import load_checkpoint, run_digest, save_checkpoint
 from .counting import Counter
 from .cut import NetworkCut, cut_at
@@ -237,7 +238,7 @@ def cached_sweep(
     device: torch.device | None = None,
     budget_mb: float = 256.0,
     max_cache_mb: float | None = None,
-    progress: bool = False,
+    progress: bool | Progress = False,
     cut: NetworkCut | None = None,
     fast: bool = True,
     checkpoint_path: str | os.PathLike[str] | None = None,
@@ -262,7 +263,8 @@ def cached_sweep(
         if triggered is not None:
             sets.append(_Data(triggered.x, [triggered.y_target, triggered.y_true]))
         total = sum(d.x.shape[0] for d in sets)
-        bar = tqdm(total=total, desc="cache features", unit="img", disable=not progress, leave=False)
+        progress = as_progress(progress)
+        bar = progress.bar(total, "cache features", unit="img", leave=False)
         front = _Front(cut, plan, batch_size, device, bar)
         positions, shapes = front.shapes(x_clean)
         per_sample = _nbytes([torch.empty(s, dtype=t) for s, t in shapes])
@@ -281,7 +283,7 @@ def cached_sweep(
             means, order = state["means"], state["order"]
         bar.close()
         counters = [Counter(plan, order, len(d.labels), budget, device, fast) for d in sets]
-        kbar = tqdm(total=total, desc="sweep", unit="img", disable=not progress, leave=False)
+        kbar = progress.bar(total, "sweep", unit="img", leave=False)
         if state is None:
             for d, counter in zip(sets, counters):
                 counter.add(d.stored, [lab[: d.n_stored] for lab in d.labels])
@@ -363,7 +365,7 @@ def full_sweep(
     *,
     batch_size: int = 256,
     device: torch.device | None = None,
-    progress: bool = False,
+    progress: bool | Progress = False,
 ) -> SweepCurve:
     """The usual protocol: for each k, mask and run the whole network. Slow but always works."""
     from ..evaluation.metrics import predict
@@ -379,7 +381,7 @@ def full_sweep(
     c = order.numel()
     clean_correct, asr_hits, robust_hits = [], [], []
     try:
-        for k in tqdm(range(c + 1), desc="sweep (full)", unit="k", disable=not progress, leave=False):
+        for k in as_progress(progress).bar(c + 1, "sweep (full)", unit="k", iterable=range(c + 1), leave=False):
             set_pruned(model, layer, order[:k].tolist(), c)
             clean_correct.append(int((predict(model, x_clean, batch_size, device) == y_clean).sum()))
             if triggered is not None:
@@ -401,7 +403,7 @@ def full_sweep(
 def sweep(
     model: nn.Module, layer: str, x_clean: torch.Tensor, y_clean: torch.Tensor,
     triggered: "TriggeredSet | None" = None, *, mode: str = "auto", batch_size: int = 256,
-    device: torch.device | None = None, progress: bool = False, budget_mb: float = 256.0,
+    device: torch.device | None = None, progress: bool | Progress = False, budget_mb: float = 256.0,
     max_cache_mb: float | None = None, checkpoint_path: str | os.PathLike[str] | None = None,
     resume: bool = False,
 ) -> SweepCurve:

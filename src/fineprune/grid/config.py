@@ -26,10 +26,8 @@ experiments: a clean model (attack "none") has no poison_rate / attack_threshold
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import itertools
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -37,18 +35,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInputError
-
-ATTACKS = ("none", "badnets", "pruning-aware")
-DEFENSES = ("none", "fine-tuning", "pruning", "fine-pruning")
+from ..experiment.vocabulary import ATTACKS, DEFAULT_THRESHOLD, DEFENSES
+from ..runtime import fingerprint
+from ..tasks import DEFAULT_DATA_ROOT
 
 # Every axis with its default (used when the config leaves it out), in the order cells print.
 AXES: dict[str, Any] = {
     "task": None,  # required
     "attack": "badnets",
     "poison_rate": None,  # None: the task's own rate
-    "attack_threshold": 4.0,  # the pruning-aware attacker's stop rule; "same": the defense's threshold
+    "attack_threshold": DEFAULT_THRESHOLD,  # the pruning-aware attacker's stop rule; "same": the defense's threshold
     "defense": "fine-pruning",
-    "threshold": 4.0,  # the defender's stop rule, accuracy points
+    "threshold": DEFAULT_THRESHOLD,  # the defender's stop rule, accuracy points
     "seed": 0,
     "subsample": 1.0,
     "epochs": None,  # None: the task's attacker epochs
@@ -67,7 +65,7 @@ SETTINGS = ("out", "data_root", "resources", "train_resources", "retries", "plug
 class GridConfig:
     axes: dict[str, list]
     out: str = "fineprune-grid"
-    data_root: str = "../shared/data"
+    data_root: str = DEFAULT_DATA_ROOT
     resources: dict = field(default_factory=lambda: {"num_cpus": 1, "num_gpus": 0})
     train_resources: dict | None = None
     retries: int = 1
@@ -101,10 +99,6 @@ class Cell:
 
 def _num(v: float) -> str:
     return f"{v:g}"
-
-
-def fingerprint(obj: Any, n: int = 12) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
 def model_params(params: dict) -> dict:
@@ -159,7 +153,7 @@ def parse_config(raw: Any, base_dir: str | Path = ".", source: str | None = None
     if bad:
         raise BadInputError(f"unknown axis/axes {', '.join(sorted(bad))}; known: {', '.join(AXES)}")
     if "task" not in axes_raw:
-        raise BadInputError("axes: `task` is required (e.g. `task: mnist`)")
+        raise BadInputError("axes: `task:` is required (e.g. `task: mnist`)")
     axes: dict[str, list] = {}
     for name, default in AXES.items():
         values = axes_raw.get(name, default)
@@ -189,7 +183,7 @@ def parse_config(raw: Any, base_dir: str | Path = ".", source: str | None = None
         raise BadInputError(f"retries must be a whole number >= 0, got {retries!r}")
     data_root = raw.get("data_root")
     if data_root is None:
-        data_root = "../shared/data"  # as `fineprune reproduce`: relative to the working folder
+        data_root = DEFAULT_DATA_ROOT  # as `fineprune reproduce`: relative to the working folder
     elif not Path(str(data_root)).is_absolute():
         data_root = str(base / str(data_root))  # written in the config: relative to the config file
     data_root = str(Path(data_root).resolve())  # workers do not share the driver's working folder
@@ -323,7 +317,7 @@ def _matches(params: dict, rule: dict) -> bool:
 
 
 def cell_id(params: dict) -> str:
-    return f"{params['task']}.{params['attack']}.{params['defense']}.{fingerprint(params)}"
+    return f"{params['task']}.{params['attack']}.{params['defense']}.{fingerprint(params, 12)}"
 
 
 def expand(cfg: GridConfig) -> list[Cell]:

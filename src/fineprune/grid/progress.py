@@ -12,13 +12,13 @@ def _clock(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-class Progress:
-    """Counts of this run's cells; `line()` is printed as each cell finishes.
+class GridProgress:
+    """Counts of this run's cells; a line goes to `log` as each cell finishes.
 
     Time left = time so far / cells finished in this run x cells still to finish (cells finished
     by an earlier run are counted as done but not in the rate)."""
 
-    def __init__(self, total: int, already_done: int, log: Callable[[str], None] = print) -> None:
+    def __init__(self, total: int, already_done: int, log: Callable[[str], None]) -> None:
         self.total = total
         self.already_done = already_done
         self.to_run = total - already_done

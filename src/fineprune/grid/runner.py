@@ -25,10 +25,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import BadInputError
+from ..progress import Progress, as_progress
 from ..runtime import write_text_atomic
 from . import work
 from .config import Cell, GridConfig, clean_params, expand, model_key, model_params
-from .progress import Progress
+from .progress import GridProgress
 from .results import ResultsLog, write_outputs
 
 
@@ -71,7 +72,7 @@ class _Lock:
         except OSError:
             os.close(self.fd)
             raise BadInputError(f"another `fineprune grid` is writing to {self.path.parent}; "
-                                f"wait for it or use another --out") from None
+                                f"wait for it or use another `out`") from None
         return self
 
     def __exit__(self, *exc) -> None:
@@ -99,12 +100,13 @@ def _init_ray(address: str | None, num_cpus: int | None, verbose: bool) -> bool:
 
 
 def run_grid(cfg: GridConfig, out: str | Path | None = None, address: str | None = None, *,
-             num_cpus: int | None = None, verbose: bool = False, log=print) -> GridOutcome:
-    """Run every cell of `cfg` not finished yet in `out` on Ray; write results, summary and plot."""
+             num_cpus: int | None = None, verbose: bool = False, progress: bool | Progress = False) -> GridOutcome:
+    """Run every cell of `cfg` not finished yet in `out` on Ray; write results, summary and plot.
+    `progress` gets a line per finished cell (with counts and time left) and notes (the CLI: stdout)."""
     out = Path(out or cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with _Lock(out):
-        return _run_locked(cfg, out, address, num_cpus, verbose, log)
+        return _run_locked(cfg, out, address, num_cpus, verbose, as_progress(progress).log)
 
 
 def _run_locked(cfg: GridConfig, out: Path, address: str | None, num_cpus: int | None, verbose: bool,
@@ -187,7 +189,7 @@ def _schedule(cfg: GridConfig, out: Path, todo: list[Cell], total: int, already:
     with _SigtermAsInterrupt():
         started = _init_ray(address, num_cpus, verbose)
         try:
-            return _Scheduler(cfg, plan, results, Progress(total, already, log), models_dir, log).run()
+            return _Scheduler(cfg, plan, results, GridProgress(total, already, log), models_dir, log).run()
         finally:
             results.close()
             if started:
@@ -214,7 +216,7 @@ class _Scheduler:
     """Keeps models and cells in flight on Ray as far as the cluster can run them, models first
     (they unblock cells), and records each result as it comes (retries, failures, progress)."""
 
-    def __init__(self, cfg: GridConfig, plan: _ModelPlan, results: ResultsLog, progress: Progress,
+    def __init__(self, cfg: GridConfig, plan: _ModelPlan, results: ResultsLog, progress: GridProgress,
                  models_dir: Path, log) -> None:
         import ray
 

@@ -11,7 +11,6 @@ import os
 import socket
 import time
 from collections import OrderedDict
-from pathlib import Path
 
 from .config import load_plugins
 
@@ -20,7 +19,7 @@ _DATA_CACHE_SIZE = 2
 
 
 def _task_data(task, data_root: str, seed: int, subsample: float):
-    from ..pipeline.reproduce import load_task_data
+    from ..experiment import load_task_data
 
     key = (task.name, str(data_root), seed, subsample)
     if key in _DATA_CACHE:
@@ -38,7 +37,7 @@ def _or(value, default):
 
 
 def _setup(params: dict, data_root: str, device: str | None):
-    from ..pipeline.reproduce import prepare_task
+    from ..experiment import prepare_task
     from ..runtime import seed_everything
     from ..tasks import get_task
 
@@ -64,15 +63,15 @@ def train_model(spec: dict, clean: dict | None = None) -> dict:
     "device", "plugins"}; `clean` is the clean model's result (pruning-aware only).
     Returns {"key", "path", "info", "reused", "seconds", "node", "pid"}."""
     from ..defense.persist import load_pruned
-    from ..pipeline.reproduce import _ModelStore, get_model, model_recipe
+    from ..experiment import DEFAULT_THRESHOLD, ModelStore, get_model, model_recipe
 
     t0 = time.perf_counter()
     load_plugins(spec.get("plugins", []))
     params = spec["params"]
     setup = _setup(params, spec["data_root"], spec.get("device"))
-    store = _ModelStore(Path(spec["models_dir"]))
+    store = ModelStore(spec["models_dir"])
     attack = params["attack"]
-    pa_threshold = 4.0 if params.get("attack_threshold") is None else params["attack_threshold"]
+    pa_threshold = _or(params.get("attack_threshold"), DEFAULT_THRESHOLD)
 
     def clean_model():
         if clean is None:
@@ -92,7 +91,7 @@ def run_cell(cell: dict, model: dict) -> dict:
     test split. `cell` = {"id", "params", "data_root", "device", "plugins"}. Returns the cell's
     metrics (the runner adds the params and bookkeeping)."""
     from ..defense.persist import load_pruned
-    from ..pipeline.reproduce import defend_one
+    from ..experiment import DEFAULT_THRESHOLD, defend_one
 
     t0 = time.perf_counter()
     load_plugins(cell.get("plugins", []))
@@ -100,7 +99,7 @@ def run_cell(cell: dict, model: dict) -> dict:
     setup = _setup(params, cell["data_root"], cell.get("device"))
     net = load_pruned(setup.fresh(), model["path"])
     # defend_one seeds its own draws: the same cell gives the same numbers in any worker.
-    threshold = params["threshold"] if params["threshold"] is not None else 4.0
+    threshold = _or(params["threshold"], DEFAULT_THRESHOLD)
     row, _ = defend_one(setup, params["attack"], net, model.get("info", {}), params["defense"], threshold)
     for k in ("task", "attack", "defense"):
         row.pop(k, None)

@@ -64,7 +64,7 @@ def build_arch(spec: str, num_classes: int, in_channels: int | None = None) -> n
     if not isinstance(spec, str) or not spec.strip():
         raise BadInputError(f"empty architecture spec; use a built-in name, {SPEC_FORMS}")
     if not isinstance(num_classes, int) or num_classes < 1:
-        raise BadInputError(f"--num-classes must be a positive integer, got {num_classes!r}")
+        raise BadInputError(f"`num_classes` must be a positive integer, got {num_classes!r}")
     spec = spec.strip()
     if spec.lower().startswith("torchvision:"):
         model = _torchvision(spec.split(":", 1)[1].strip(), num_classes)
@@ -101,7 +101,7 @@ def _import_factory(spec: str) -> Callable[..., Any]:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:
         raise BadInputError(
-            f"cannot import module {module_name!r} for --arch {spec!r} ({e}); is it installed or on PYTHONPATH?"
+            f"cannot import module {module_name!r} for `arch` {spec!r} ({e}); is it installed or on PYTHONPATH?"
         ) from e
     for part in attr_path.split("."):
         if not hasattr(obj, part):
@@ -162,7 +162,7 @@ def _call(
             raise
         model = factory()  # opaque signature that rejected num_classes
     if not isinstance(model, nn.Module):
-        raise BadInputError(f"--arch {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+        raise BadInputError(f"`arch` {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model, takes_channels
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 ACCEPTED_FORMATS = (
     "accepted formats: a safetensors file, a state dict saved with torch.save(model.state_dict(), path) "
-    "(.pt/.pth/.bin, zip or legacy format), or a TorchScript archive (weights only, used with --arch)"
+    "(.pt/.pth/.bin, zip or legacy format), or a TorchScript archive (weights only, used with `arch`)"
 )
 SAFE_ALTERNATIVE = (
     "save the weights with torch.save(model.state_dict(), path) or as a safetensors file "

@@ -184,7 +184,7 @@ def load_into(model: nn.Module | None, loaded: LoadedModel, strict: bool = True)
     label = clean_text(Path(loaded.source).name) if loaded.source else "model file"
     if model is None or loaded.state_dict is None:
         raise BadInputError(
-            f"{label}: an architecture is needed to use these {loaded.format} weights; name it with --arch "
+            f"{label}: an architecture is needed to use these {loaded.format} weights; name it with `arch` "
             "(a built-in name, torchvision:NAME or package.module:function)"
         )
     sd = loaded.state_dict
@@ -212,7 +212,7 @@ def load_into(model: nn.Module | None, loaded: LoadedModel, strict: bool = True)
         problems.append(f"missing from the file: {format_list(missing)}")
     if strict and unexpected:
         problems.append(f"unexpected in the file: {format_list(unexpected)}")
-    hint = "the architecture (--arch) or --num-classes may be wrong"
+    hint = "the architecture (`arch`) or `num_classes` may be wrong"
     if problems:
         raise BadInputError(f"{label}: the weights do not fit the model ({'; '.join(problems)}); {hint}")
     try:

@@ -13,19 +13,19 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInputError
+from .inputs import task_ref
 from .job import DefendJob
 
 PATH_KEYS = ("model", "data", "val", "triggered", "out", "data_root")
 FIELDS = {f.name for f in dataclasses.fields(DefendJob)}
 
 
-def _flatten(raw: dict[str, Any], source: str) -> dict[str, Any]:
+def _flatten(raw: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in raw.items():
         k = str(key).replace("-", "_")
         if isinstance(value, dict) and k not in FIELDS:
-            for sub, v in _flatten(value, source).items():
-                out[sub] = v
+            out.update(_flatten(value))
         else:
             out[k] = value
     return out
@@ -35,11 +35,11 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The options in `path`, keyed by DefendJob field; unknown keys are an error (typos)."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise BadInputError(f"--config {p} does not exist or is not a file")
+        raise BadInputError(f"`config` {p} does not exist or is not a file")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise BadInputError(f"--config {p} is not UTF-8 text; write it as a TOML (or YAML) file") from None
+        raise BadInputError(f"`config` {p} is not UTF-8 text; write it as a TOML (or YAML) file") from None
     if p.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
@@ -57,12 +57,12 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise BadInputError(f"{p} is not valid TOML ({exc})") from None
     if not isinstance(raw, dict):
         raise BadInputError(f"{p} must hold key = value options")
-    options = _flatten(raw, str(p))
+    options = _flatten(raw)
     unknown = sorted(set(options) - FIELDS)
     if unknown:
         raise BadInputError(f"{p}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELDS))}")
     for key in PATH_KEYS:
         value = options.get(key)
-        if isinstance(value, str) and not value.startswith("task:") and not Path(value).expanduser().is_absolute():
+        if isinstance(value, str) and task_ref(value) is None and not Path(value).expanduser().is_absolute():
             options[key] = str(p.parent / value)
     return options

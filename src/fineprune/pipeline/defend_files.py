@@ -8,7 +8,6 @@ before the long phases start.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,17 +16,25 @@ import torch
 
 from ..data.splits import holdout
 from ..data.types import tensors
-from ..defense.api import DefenseResult, defend
+from ..defense.api import DefenseResult, RunOptions, defend
 from ..defense.bake import BakeResult, TraceResult, bake_masks, trace_masked
 from ..defense.compact import CompactResult, compact_model
 from ..errors import BadInputError
 from ..evaluation.metrics import TriggeredSet, accuracy
 from ..io.model_files import load_weights
+from ..progress import Progress, as_progress
 from ..runtime import pick_device, seed_everything
 from .inputs import DataInput, Preprocessing, TaskSource, load_input, load_triggered, relabel_by_name
 from .job import DefendJob
 from .model_input import build_model, check_outputs, first_conv_channels
-from .outdir import CHECKPOINT_NAME, SWEEP_CHECKPOINT_NAME, check_out_dir, is_checkpoint_file, prepare_out_dir, remove_stale
+from .outdir import (
+    CHECKPOINT_NAME,
+    SWEEP_CHECKPOINT_NAME,
+    check_out_dir,
+    is_checkpoint_file,
+    prepare_out_dir,
+    remove_stale,
+)
 from .outputs import TORCHSCRIPT_NAME, write_outputs
 from .provenance import versions
 from .record import RunRecord, model_json
@@ -56,7 +63,7 @@ def _same_shape(a: DataInput, b: DataInput) -> None:
     sa, sb = tuple(tensors(a.dataset)[0].shape[1:]), tuple(tensors(b.dataset)[0].shape[1:])
     if sa != sb:
         raise BadInputError(f"{b.source} has inputs of shape {sb} but {a.source} has {sa}; give both "
-                            "in the same layout (or pass --input-size H W to resize images)")
+                            "in the same layout (or pass `input_size` H W to resize images)")
 
 
 def _split(job: DefendJob, clean: DataInput, val: DataInput | None) -> tuple[object, object, dict]:
@@ -77,19 +84,19 @@ def _split(job: DefendJob, clean: DataInput, val: DataInput | None) -> tuple[obj
                 f"seed {job.seed})")
     if len(val_ds) == 0 or (train_ds is not None and len(train_ds) == 0):
         raise BadInputError(f"{clean.source}: too few samples ({n}) to hold out a validation part; "
-                            "give more clean data or a separate --val set")
+                            "give more clean data or a separate `val` set")
     return train_ds, val_ds, {"description": desc, "val_fraction": frac, "val_samples": len(val_ds),
                               "train_samples": 0 if train_ds is None else len(train_ds)}
 
 
-def defend_files(job: DefendJob, *, progress: bool = False,
-                 echo: Callable[[str], None] | None = None) -> DefendFilesResult:
+def defend_files(job: DefendJob, *, progress: bool | Progress = False) -> DefendFilesResult:
     """Run `job` end to end and write its outputs; raises BadInputError for unusable inputs.
 
-    `progress` shows a progress bar (with time left) for each long phase; `echo` receives one
-    line per phase and each warning (the CLI prints them to stderr).
+    `progress` (a `Progress`, or True for stderr) gets a bar (with time left) for each long phase
+    and one line per phase and each warning.
     """
-    say = echo or (lambda _msg: None)
+    progress = as_progress(progress)
+    say = progress.log
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     job.validate()
@@ -144,12 +151,13 @@ def defend_files(job: DefendJob, *, progress: bool = False,
     timings["check"] = time.perf_counter() - t0
 
     say(f"[4/{PHASES}] running {job.method} on {device}")
+    options = RunOptions(device=device, seed=job.seed, progress=progress, resume=bool(job.resume),
+                         max_cache_mb=job.max_cache_mb,
+                         checkpoint_path=None if job.method == "prune" else Path(job.out).expanduser() / CHECKPOINT_NAME,
+                         sweep_checkpoint_path=None if job.method == "fine-tune"
+                         else Path(job.out).expanduser() / SWEEP_CHECKPOINT_NAME)
     result = defend(model, train_ds, val_ds, job.method, triggered=triggered, layer=job.layer,
-                    threshold=job.threshold, finetune=job.finetune_config(), device=device,
-                    seed=job.seed, progress=progress, resume=bool(job.resume), max_cache_mb=job.max_cache_mb,
-                    checkpoint_path=None if job.method == "prune" else Path(job.out).expanduser() / CHECKPOINT_NAME,
-                    sweep_checkpoint_path=None if job.method == "fine-tune"
-                    else Path(job.out).expanduser() / SWEEP_CHECKPOINT_NAME)
+                    threshold=job.threshold, finetune=job.finetune_config(), run=options)
     timings.update(result.timings)
     timings["defense"] = result.seconds
     for w in result.warnings:

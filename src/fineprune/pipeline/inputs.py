@@ -22,7 +22,11 @@ from ..errors import BadInputError
 from ..evaluation.metrics import TriggeredSet
 from .provenance import sha256_path
 
-TASK_PREFIX = "task:"
+
+def task_ref(spec: object) -> str | None:
+    """NAME when `spec` names a built-in task's data as `task:NAME`; None for a file or folder."""
+    text = str(spec)
+    return text.removeprefix("task:") if text.startswith("task:") else None
 
 
 @dataclass
@@ -39,7 +43,7 @@ class Preprocessing:
     def apply(self, x: torch.Tensor, source: str) -> torch.Tensor:
         if self.input_size is not None:
             if x.dim() != 4:
-                raise BadInputError(f"{source}: --input-size applies to images (N,C,H,W) but this data "
+                raise BadInputError(f"{source}: `input_size` applies to images (N,C,H,W) but this data "
                                     f"has shape {tuple(x.shape)}; leave it out")
             if tuple(x.shape[-2:]) != tuple(self.input_size):
                 x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False,
@@ -47,7 +51,7 @@ class Preprocessing:
         if self.mean is not None and self.std is not None:
             c = x.shape[1]
             if len(self.mean) not in (1, c):
-                raise BadInputError(f"{source}: the inputs have {c} channels but --mean/--std give "
+                raise BadInputError(f"{source}: the inputs have {c} channels but `mean`/`std` give "
                                     f"{len(self.mean)} values; give 1 or {c}")
             shape = (1, -1) + (1,) * (x.dim() - 2)
             mean = torch.tensor(self.mean, dtype=x.dtype).view(shape)
@@ -95,7 +99,7 @@ class TaskSource:
                 tasks = importlib.import_module("fineprune.tasks")
             except ImportError:
                 raise BadInputError(f"built-in tasks are not available in this installation; pass a "
-                                    f"data file or folder instead of {TASK_PREFIX}{name}") from None
+                                    f"data file or folder instead of task:{name}") from None
             spec = tasks.get_task(name)
             self._loaded[name] = (spec, spec.load(self.data_root, seed=self.seed))
         return self._loaded[name]
@@ -114,9 +118,9 @@ class TaskSource:
 
 def load_input(spec: str | Path, prep: Preprocessing, role: str, tasks: TaskSource) -> DataInput:
     """Load `spec` (an .npz, an image or wav folder, or `task:NAME`) and preprocess it."""
-    text = str(spec)
-    if text.startswith(TASK_PREFIX):
-        ds, names, info, groups = tasks.clean(text[len(TASK_PREFIX):])
+    text, task = str(spec), task_ref(spec)
+    if task is not None:
+        ds, names, info, groups = tasks.clean(task)
         sha, folder = None, False
     else:
         path = Path(text).expanduser()
@@ -160,15 +164,15 @@ def resolve_target(target: int | str, classes: list[str], num_classes: int) -> i
     if not text.lstrip("-").isdigit():
         if text in classes:
             return classes.index(text)
-        raise BadInputError(f"--target {target!r} is neither a label index nor a class name "
+        raise BadInputError(f"`target` {target!r} is neither a label index nor a class name "
                             f"({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})")
     t = int(text)
     if text in classes and classes.index(text) != t:
-        raise BadInputError(f"--target {t} is ambiguous: class {text!r} has label index "
+        raise BadInputError(f"`target` {t} is ambiguous: class {text!r} has label index "
                             f"{classes.index(text)}; pass the index you mean "
                             "(classes are indexed in sorted folder-name order)")
     if not 0 <= t < num_classes:
-        raise BadInputError(f"--target {t} is not a label of a {num_classes}-class model (0..{num_classes - 1})")
+        raise BadInputError(f"`target` {t} is not a label of a {num_classes}-class model (0..{num_classes - 1})")
     return t
 
 
@@ -180,15 +184,15 @@ def load_triggered(spec: str | Path, target: int | str | None, prep: Preprocessi
     From a file or folder, every input gets `target` as the attack's label (inputs already
     labelled `target` are dropped: their 'attack success' would be the model's clean skill).
     `task:NAME` applies the task's own attack to its test split (its policy gives the targets)."""
-    text = str(spec)
-    if text.startswith(TASK_PREFIX):
-        trig, info = tasks.triggered(text[len(TASK_PREFIX):])
+    text, task = str(spec), task_ref(spec)
+    if task is not None:
+        trig, info = tasks.triggered(task)
         trig.x = prep.apply(trig.x, f"triggered data {text}")
         desc = DataInput(make_dataset(trig.x, trig.y_true), classes, text, None, False, info)
         targets = torch.unique(trig.y_target).tolist()
         return trig, desc, int(targets[0]) if len(targets) == 1 else None
     if target is None:
-        raise BadInputError("--triggered needs --target: the label the attack sends triggered inputs to")
+        raise BadInputError("`triggered` needs `target`: the label the attack sends triggered inputs to")
     data = relabel_by_name(load_input(spec, prep, "triggered", tasks), classes)
     t = resolve_target(target, classes, num_classes)
     x, y = tensors(data.dataset)

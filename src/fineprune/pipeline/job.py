@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..defense.api import DEFAULT_FINETUNE, METHODS
-from ..defense.stop_rule import check_threshold
+from ..defense.stop_rule import DEFAULT_THRESHOLD, check_threshold
 from ..errors import BadInputError
 from ..training import TrainConfig
+from .inputs import task_ref
 
 
 @dataclass
@@ -37,7 +38,7 @@ class DefendJob:
     target: int | str | None = None
     layer: str | None = None
     method: str = "fine-prune"
-    threshold: float = 4.0
+    threshold: float = DEFAULT_THRESHOLD
     mean: list[float] | None = None
     std: list[float] | None = None
     input_size: tuple[int, int] | None = None
@@ -61,71 +62,70 @@ class DefendJob:
         """Raise BadInputError (one line, with the fix) for any unusable option; return self."""
         for name in ("model", "arch", "data", "out"):
             if getattr(self, name) in (None, ""):
-                raise BadInputError(f"--{name} is required (on the command line or in --config)")
+                raise BadInputError(f"`{name}` is required")
         if self.method not in METHODS:
-            raise BadInputError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
+            raise BadInputError(f"`method` must be one of {', '.join(METHODS)}, not {self.method!r}")
         try:
             self.threshold = check_threshold(self.threshold)
         except (TypeError, ValueError) as exc:
-            raise BadInputError(f"--threshold: {exc}") from None
+            raise BadInputError(f"`threshold`: {exc}") from None
         if not 0.0 < float(self.val_fraction) < 1.0:
-            raise BadInputError(f"--val-fraction must lie strictly between 0 and 1, got {self.val_fraction}")
+            raise BadInputError(f"`val_fraction` must lie strictly between 0 and 1, got {self.val_fraction}")
         if self.max_cache_mb is not None:
             try:
                 mb = float(self.max_cache_mb)
             except (TypeError, ValueError):
                 mb = float("nan")
             if not 0 < mb < float("inf"):
-                raise BadInputError(f"--max-cache-mb must be a positive number of MiB, got {self.max_cache_mb!r}")
+                raise BadInputError(f"`max_cache_mb` must be a positive number of MiB, got {self.max_cache_mb!r}")
             self.max_cache_mb = mb
         if self.num_classes is not None and int(self.num_classes) < 2:
-            raise BadInputError(f"--num-classes must be at least 2, got {self.num_classes}")
+            raise BadInputError(f"`num_classes` must be at least 2, got {self.num_classes}")
         self._check_normalisation()
         if self.input_size is not None:
             size = tuple(int(s) for s in self.input_size)
             if len(size) != 2 or min(size) < 1:
-                raise BadInputError(f"--input-size takes two positive integers H W, got {self.input_size}")
+                raise BadInputError(f"`input_size` takes two positive integers H W, got {self.input_size}")
             self.input_size = size  # type: ignore[assignment]
         if self.target is not None and self.triggered is None:
-            raise BadInputError("--target needs --triggered: a set of triggered inputs to measure "
+            raise BadInputError("`target` needs `triggered`: a set of triggered inputs to measure "
                                 "the attack on")
-        if self.triggered is not None and self.target is None and not str(self.triggered).startswith("task:"):
-            raise BadInputError("--triggered needs --target: the label the attack sends triggered "
+        if self.triggered is not None and self.target is None and task_ref(self.triggered) is None:
+            raise BadInputError("`triggered` needs `target`: the label the attack sends triggered "
                                 "inputs to (an index or a class name)")
         if self.image_mode is not None and self.image_mode not in ("rgb", "grey"):
-            raise BadInputError(f"--image-mode must be rgb or grey, not {self.image_mode!r}")
+            raise BadInputError(f"`image_mode` must be rgb or grey, not {self.image_mode!r}")
         if self.epochs is not None and int(self.epochs) < 0:
-            raise BadInputError(f"--epochs must be >= 0, got {self.epochs}")
+            raise BadInputError(f"`epochs` must be >= 0, got {self.epochs}")
         if self.lr is not None and not float(self.lr) > 0:
-            raise BadInputError(f"--lr must be positive, got {self.lr}")
+            raise BadInputError(f"`lr` must be positive, got {self.lr}")
         if self.batch_size is not None and int(self.batch_size) < 1:
-            raise BadInputError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise BadInputError(f"`batch_size` must be >= 1, got {self.batch_size}")
         if self.optimizer is not None and self.optimizer not in ("sgd", "adam"):
-            raise BadInputError(f"--optimizer must be sgd or adam, not {self.optimizer!r}")
+            raise BadInputError(f"`optimizer` must be sgd or adam, not {self.optimizer!r}")
         return self
 
     def _check_normalisation(self) -> None:
         if (self.mean is None) != (self.std is None):
-            raise BadInputError("--mean and --std go together (one value, or one per input channel)")
+            raise BadInputError("`mean` and `std` go together (one value, or one per input channel)")
         if self.mean is None:
             return
         self.mean = [float(v) for v in self.mean]
         self.std = [float(v) for v in self.std]  # type: ignore[union-attr]
         if len(self.mean) != len(self.std) or not self.mean:
-            raise BadInputError(f"--mean has {len(self.mean)} values but --std has {len(self.std)}; "
+            raise BadInputError(f"`mean` has {len(self.mean)} values but `std` has {len(self.std)}; "
                                 "give one per input channel (or one for all)")
         if min(self.std) <= 0:
-            raise BadInputError(f"--std values must be positive, got {self.std}")
+            raise BadInputError(f"`std` values must be positive, got {self.std}")
 
     def finetune_config(self) -> TrainConfig:
         """The fine-tuning recipe with this job's overrides: the generic default, or a built-in
         task's own (chosen on its validation data) when the clean data is `task:NAME`."""
         base = DEFAULT_FINETUNE
-        text = str(self.data)
-        if text.startswith("task:"):
+        if (task := task_ref(self.data)) is not None:
             from ..tasks import TASKS
 
-            spec = TASKS.get(text[len("task:"):].strip().lower())
+            spec = TASKS.get(task.strip().lower())
             if spec is not None and spec.finetune is not None:
                 base = spec.finetune
         overrides = {k: getattr(self, k) for k in ("epochs", "lr", "batch_size", "optimizer")

@@ -41,7 +41,7 @@ def build_model(arch: str, num_classes: int, in_channels: int, loaded: LoadedMod
     if expected_channels is not None and expected_channels != in_channels:
         raise BadInputError(
             f"the model's first convolution takes {expected_channels} input channel(s) but the data "
-            f"has {in_channels}; convert the data (--image-mode grey|rgb for image folders) or check --arch")
+            f"has {in_channels}; convert the data (`image_mode` grey|rgb for image folders) or check `arch`")
     model = build_arch(arch, num_classes, in_channels=in_channels)
     load_into(model, loaded)
     return model.eval()
@@ -55,8 +55,8 @@ def check_outputs(model: nn.Module, x: torch.Tensor, num_classes: int) -> None:
         logits = model(x[:n])
     except RuntimeError as exc:
         raise BadInputError(f"the model cannot run on inputs of shape {tuple(x.shape[1:])} "
-                            f"({str(exc).splitlines()[0]}); check --input-size and the data") from None
+                            f"({str(exc).splitlines()[0]}); check `input_size` and the data") from None
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (n, num_classes):
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise BadInputError(f"the model outputs {shape} for {n} inputs; expected ({n}, {num_classes}) "
-                            "class scores (check --num-classes and --arch)")
+                            "class scores (check `num_classes` and `arch`)")

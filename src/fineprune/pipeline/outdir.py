@@ -29,10 +29,10 @@ def check_out_dir(path: str | os.PathLike[str], force: bool, resume: bool = True
     run away. Creates nothing (a run refused later, e.g. for an unsafe model file, leaves no trace)."""
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
-        raise BadInputError(f"--out {out} is a file, not a folder; choose a folder for the results")
+        raise BadInputError(f"`out` {out} is a file, not a folder; choose a folder for the results")
     if out.is_dir() and not force:
         if any(not is_checkpoint_file(p) for p in out.iterdir()):
-            raise BadInputError(f"--out {out} exists and is not empty; choose a new folder, or pass --force "
+            raise BadInputError(f"`out` {out} exists and is not empty; choose a new folder, or pass `force` "
                                 "to overwrite fineprune's files in it")
         if not resume and any(is_checkpoint_file(p) for p in out.iterdir()):
             refuse_interrupted(out)
@@ -42,8 +42,8 @@ def check_out_dir(path: str | os.PathLike[str], force: bool, resume: bool = True
 def refuse_interrupted(out: Path) -> None:
     """`out` holds an interrupted run's checkpoint and neither --resume nor --force was given:
     starting over silently would throw away the work that run already paid for."""
-    raise BadInputError(f"--out {out} holds the checkpoint of an interrupted run; pass --resume to "
-                        "continue it, or --force (or another --out folder) to start over")
+    raise BadInputError(f"`out` {out} holds the checkpoint of an interrupted run; pass `resume` to "
+                        "continue it, or `force` (or another `out` folder) to start over")
 
 
 def prepare_out_dir(path: str | os.PathLike[str], force: bool, resume: bool = True) -> Path:
@@ -52,7 +52,7 @@ def prepare_out_dir(path: str | os.PathLike[str], force: bool, resume: bool = Tr
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise BadInputError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+        raise BadInputError(f"cannot create `out` {out}: {exc.strerror or exc}") from None
     return out
 
 

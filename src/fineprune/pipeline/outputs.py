@@ -7,7 +7,7 @@ from ..defense.bake import save_torchscript
 from ..defense.compact import save_compact
 from ..defense.persist import save_pruned
 from ..report.html import write_report
-from ..report.plots import activation_figure, finetune_figure, pruning_curve_figure, save_png, figure_png
+from ..report.plots import activation_figure, figure_png, finetune_figure, pruning_curve_figure, save_png
 from ..runtime import write_json_atomic, write_text_atomic
 from .record import TORCHSCRIPT_NAME, RunRecord, metrics_json, model_json, sweep_csv
 from .report_data import report_data
@@ -23,7 +23,7 @@ def _weights_metadata(run: RunRecord) -> dict[str, str]:
 def _figures(run: RunRecord, out: Path, written: list[Path]) -> dict[str, bytes]:
     r, pngs = run.result, {}
     if r.sweep is not None:
-        k = run.stop_k or 0
+        k = r.stop_k or 0
         pngs["activations"] = figure_png(activation_figure(r.sweep, k))
         fig = pruning_curve_figure(r.sweep, k, title=f"Pruning {r.layer} (validation data)",
                                    threshold=r.threshold)
@@ -31,7 +31,7 @@ def _figures(run: RunRecord, out: Path, written: list[Path]) -> dict[str, bytes]
         written.append(out / "pruning_curve.png")
     if r.finetune is not None and r.finetune.epochs:
         if r.sweep is not None:
-            k = run.stop_k or 0
+            k = r.stop_k or 0
             start = (r.sweep.clean_acc[k], r.sweep.asr[k] if r.sweep.asr is not None else None)
         else:
             start = (r.before.clean_acc, r.before.asr)
@@ -57,7 +57,7 @@ def write_outputs(out: Path, run: RunRecord) -> list[Path]:
         save_compact(run.compact, out / "model-compact.safetensors", _weights_metadata(run))
         written.append(out / "model-compact.safetensors")
     if run.result.sweep is not None:
-        write_text_atomic(out / "sweep.csv", sweep_csv(run.result.sweep, run.stop_k))
+        write_text_atomic(out / "sweep.csv", sweep_csv(run.result.sweep, run.result.stop_k))
         written.append(out / "sweep.csv")
     pngs = _figures(run, out, written)
     write_json_atomic(out / "metrics.json", metrics_json(run))

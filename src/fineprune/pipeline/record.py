@@ -48,10 +48,6 @@ class RunRecord:
         """Whether model.safetensors loaded with plain `load_state_dict` is the defended model."""
         return self.plain is not None and self.plain.baked
 
-    @property
-    def stop_k(self) -> int | None:
-        return self.result.sweep.extra.get("stop_k") if self.result.sweep is not None else None
-
     def load_snippets(self) -> dict[str, str]:
         """Python that loads the outputs (the architecture is built exactly as for this run)."""
         build = f"build_arch({self.job.arch!r}, {self.num_classes}, in_channels={self.in_channels})"
@@ -118,7 +114,7 @@ def model_json(run: RunRecord) -> dict:
                           "label is not the target; it chose nothing)") if "triggered" in run.inputs else None}},
         "sanity": run.sanity,
         "sweep": None if r.sweep is None else {
-            "mode": r.sweep.mode, "stop_k": run.stop_k, "seconds": round(r.sweep.seconds, 3),
+            "mode": r.sweep.mode, "stop_k": r.stop_k, "seconds": round(r.sweep.seconds, 3),
             **{k: r.sweep.extra[k] for k in ("streamed_samples", "cache_mb") if k in r.sweep.extra},
             "max_cache_mb": job.max_cache_mb},
         "finetune": None if hist is None else {

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import as_flags
 from ..report.html import FigureBlock, MetricRow, ReportData
 from .record import TORCHSCRIPT_NAME, RunRecord
 
@@ -93,7 +94,7 @@ def _metrics(run: RunRecord) -> tuple[list[MetricRow], str]:
 
 def _figures(run: RunRecord, pngs: dict[str, bytes]) -> list[FigureBlock]:
     r = run.result
-    k, layer = run.stop_k, r.layer
+    k, layer = r.stop_k, r.layer
     trig = "triggered" in run.inputs
     return [
         FigureBlock(
@@ -134,7 +135,7 @@ def _compact(run: RunRecord) -> tuple[list[tuple[str, str, str, str]], list[tupl
         return [], [], ("Not attempted: no channel was pruned (method fine-tune)." if run.result.method == "fine-tune"
                         else "Not attempted (compact export was turned off with --no-compact).")
     if not c.exported:
-        return [], [("status", "skipped, no model-compact.safetensors written")], c.note
+        return [], [("status", "skipped, no model-compact.safetensors written")], as_flags(c.note)
     kept = c.channels_before - len(c.removed)
     table = [
         (f"channels of {c.layer}", f"{c.channels_before:,}", f"{kept:,}", _change(c.channels_before, kept)),

@@ -15,7 +15,7 @@ def check_labels(y: torch.Tensor, num_classes: int, source: str) -> None:
     """Labels must be indices of the model's outputs."""
     if y.numel() and int(y.max()) >= num_classes:
         raise BadInputError(f"{source}: labels go up to {int(y.max())} but the model has {num_classes} "
-                            "outputs; check --num-classes or the data's labels")
+                            "outputs; check `num_classes` or the data's labels")
 
 
 def check_val_classes(y: torch.Tensor, source: str) -> None:

@@ -15,32 +15,29 @@ from ..runtime import atomic_path, write_json_atomic, write_text_atomic  # noqa:
 from .channels import channel_findings  # noqa: E402
 from .plots import plot_pruning_curve  # noqa: E402
 
-DEFENSES = ("none", "fine-tuning", "pruning", "fine-pruning")
-
 
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
 def table_markdown(rows: list[dict], paper: dict) -> str:
-    """Rows task x attack, columns defenses; each cell `CA / ASR` (%), the paper's beside ours."""
+    """Rows task x attack, columns defenses (in the order the rows ran them); each cell
+    `CA / ASR` (%), the paper's beside ours."""
     by = {(r["task"], r["attack"], r["defense"]): r for r in rows}
-    keys = []
-    for r in rows:
-        if (r["task"], r["attack"]) not in keys:
-            keys.append((r["task"], r["attack"]))
-    head = "| task | attack | " + " | ".join(DEFENSES) + " |"
+    keys = list(dict.fromkeys((r["task"], r["attack"]) for r in rows))
+    defenses = list(dict.fromkeys(r["defense"] for r in rows))
+    head = "| task | attack | " + " | ".join(defenses) + " |"
     lines = [
         "Clean accuracy / attack success rate on the test split, in %. "
         "*paper:* figures are the paper's Table 1 as recalled in shared/docs/paper-notes.md "
         "(unverified there; the paper gives no pruning-only column).",
         "",
         head,
-        "|" + "---|" * (2 + len(DEFENSES)),
+        "|" + "---|" * (2 + len(defenses)),
     ]
     for task, attack in keys:
         cells = []
-        for d in DEFENSES:
+        for d in defenses:
             r = by.get((task, attack, d))
             cell = "n/a" if r is None else f"{_pct(r['clean_acc'])} / {_pct(r['asr'])}"
             if r is not None and d in ("pruning", "fine-pruning"):
@@ -64,7 +61,7 @@ def plot_channel_activity(res: DefenseResult, path: Path, title: str) -> None:
     if curve.triggered_means is not None:
         trig = [curve.triggered_means[c] for c in order]
         ax.plot(range(len(order)), trig, color="#d62728", lw=1.2, marker=".", ms=3, label="triggered inputs")
-    k = curve.extra.get("stop_k")
+    k = res.stop_k
     if k is not None:
         ax.axvline(k - 0.5, color="#444", ls="--", lw=1, label=f"stop ({k} pruned)")
     ax.set_xlabel("channel, in pruning order (increasing clean activation)")
@@ -103,11 +100,11 @@ def write_reproduce_outputs(out: Path, rows: list[dict], curves: dict[tuple[str,
     figs.mkdir(exist_ok=True)
     sections, findings = [], []
     for (task, attack), res in curves.items():
-        f = channel_findings(res.sweep, res.sweep.extra["stop_k"])
+        f = channel_findings(res.sweep, res.stop_k)
         findings.append({"task": task, "attack": attack, **f})
         curve_png = figs / f"{task}-{attack}-pruning.png"
         act_png = figs / f"{task}-{attack}-channels.png"
-        plot_pruning_curve(res.sweep, curve_png, res.sweep.extra["stop_k"],
+        plot_pruning_curve(res.sweep, curve_png, res.stop_k,
                            title=f"{task}, {attack}: pruning {res.layer} (validation data)")
         plot_channel_activity(res, act_png, f"{task}, {attack}: channel activity ({res.layer})")
         sections.append(f"<h3>{html.escape(task)} &middot; {html.escape(attack)}</h3>"

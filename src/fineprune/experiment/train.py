@@ -7,24 +7,23 @@ the clean rows, training settings), so their difference is the poisoning alone.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from . import __version__
-from .attack.badnets import BadNets
-from .data.types import TaskData, tensors
-from .defense.layer import find_prune_layer
-from .errors import BadInputError
-from .evaluation.metrics import Metrics, accuracy, attack_metrics, evaluate
-from .runtime import pick_device, write_json_atomic
-from .tasks import TaskSpec
-from .training import TrainConfig, train
+from .. import __version__
+from ..attack.badnets import BadNets
+from ..data.types import TaskData, tensors
+from ..defense.layer import find_prune_layer
+from ..errors import BadInputError
+from ..evaluation.metrics import Metrics, accuracy, attack_metrics, evaluate
+from ..progress import Progress, as_progress
+from ..runtime import pick_device, write_json_atomic
+from ..tasks import TaskSpec
+from ..training import TrainConfig, train
 
 RECORD_FORMAT = "fineprune-model/1"
 
@@ -52,7 +51,7 @@ def train_task(
     cfg: TrainConfig | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
-    progress: bool = False,
+    progress: bool | Progress = False,
     checkpoint_path: str | os.PathLike[str] | None = None,
     resume: bool = False,
 ) -> TrainedTask:
@@ -65,6 +64,7 @@ def train_task(
     `progress`: a line per epoch and a bar that moves within each epoch.
     """
     t_start = time.perf_counter()
+    channel = as_progress(progress)
     dev = pick_device(device)
     cfg = cfg or spec.attacker
     reference = attack or spec.make_attack(seed=seed, data=data)  # measures ASR of clean models too
@@ -82,15 +82,14 @@ def train_task(
     torch.manual_seed(seed)
     model = spec.build_model(data.num_classes).to(dev)
 
-    def show(rec) -> None:  # tqdm.write: the line lands above the progress bar, not through it
-        tqdm.write(f"  epoch {rec.epoch:>3}/{cfg.epochs}  val acc {100 * rec.val_acc:5.1f}%  "
-                   f"val ASR {100 * rec.asr:5.1f}%  ({rec.seconds:.0f}s)", file=sys.stdout)
-        sys.stdout.flush()  # a line per epoch, even when stdout is a log file
+    def show(rec) -> None:
+        channel.log(f"  epoch {rec.epoch:>3}/{cfg.epochs}  val acc {100 * rec.val_acc:5.1f}%  "
+                    f"val ASR {100 * rec.asr:5.1f}%  ({rec.seconds:.0f}s)")
 
     t_train = time.perf_counter()
     hist = train(model, train_set, cfg, device=dev, seed=seed, val_fn=lambda m: accuracy(m, data.val, dev),
-                 extra_fn=lambda m: attack_metrics(m, triggered_val, dev)[0], progress=progress, desc="train",
-                 checkpoint_path=checkpoint_path, resume=resume, on_epoch=show if progress else None)
+                 extra_fn=lambda m: attack_metrics(m, triggered_val, dev)[0], progress=channel, desc="train",
+                 checkpoint_path=checkpoint_path, resume=resume, on_epoch=show)
     train_seconds = time.perf_counter() - t_train
     # From the training records, so a resumed run's history includes the epochs before the kill.
     history = [{"epoch": r.epoch, "val_acc": r.val_acc, "val_asr": r.asr, "train_loss": r.train_loss,
@@ -132,7 +131,7 @@ def train_task(
 def save_trained(trained: TrainedTask, out_dir: str | Path) -> tuple[Path, Path]:
     """Write `out_dir/model.safetensors` then `out_dir/model.json` (each atomically; the JSON last,
     so a folder with a model.json always has the weights it describes)."""
-    from .io.model_files import save_weights
+    from ..io.model_files import save_weights
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,41 @@
+"""Defend one model as an experiment says, and measure the result on the test split: one row."""
+from __future__ import annotations
+
+import time
+
+from torch import nn
+
+from ..defense.api import DefenseResult, RunOptions, defend
+from ..evaluation.metrics import evaluate
+from ..runtime import seed_everything
+from .setup import TaskSetup
+from .vocabulary import DEFENSES
+
+
+def defend_one(setup: TaskSetup, attack_name: str, model: nn.Module, info: dict, defense: str,
+               threshold: float) -> tuple[dict, DefenseResult | None]:
+    """Run `defense` (a noun of `DEFENSES`) on `model` with the defender's clean data; measure it
+    on the test split. Returns the results row (task, attack, defense, clean_acc, asr, robust_acc,
+    pruned_fraction, seconds, ...) and the defense's result (None for "none")."""
+    if defense not in DEFENSES:
+        raise ValueError(f"defense must be one of {', '.join(DEFENSES)}, not {defense!r}")
+    # Fine-tuning's dropout draws from the global RNG: seed it here, so a row does not depend on
+    # what ran before it (models trained in this process, or loaded from an earlier run).
+    seed_everything(setup.seed)
+    t0 = time.perf_counter()
+    method = DEFENSES[defense]
+    res = None if method is None else defend(
+        model, setup.defender_train, setup.defender_val, method, triggered=setup.trig_val,
+        threshold=threshold, finetune=setup.ft_cfg, run=RunOptions(device=setup.device, seed=setup.seed))
+    m = evaluate(model if res is None else res.model, setup.data.test, setup.trig_test, setup.device)
+    row = {"task": setup.task.name, "attack": attack_name, "defense": defense, **m.to_dict(),
+           "pruned_fraction": 0.0 if res is None else res.pruned_fraction,
+           "seconds": round(time.perf_counter() - t0, 3)}
+    if res is None:
+        row["train_seconds"] = round(info.get("train_seconds", 0.0), 3)
+    elif res.sweep is not None:
+        row["stop_k"] = res.stop_k
+        row["num_channels"] = res.num_channels
+    if res is not None and res.finetune is not None:
+        row["best_epoch"] = res.finetune.best_epoch
+    return row, res
