@@ -60,11 +60,14 @@ def _interactive() -> bool:
 
 
 def _threads(args: argparse.Namespace) -> None:
-    """Apply the default thread count (see `runtime.default_threads`) unless the command's
-    --threads asks for one (the command sets and checks it), and hint when the machine is busy."""
+    """Apply the command's --threads, or else the default thread count (see
+    `runtime.default_threads`), and hint when the machine is busy."""
     from .runtime import busy_hint, set_threads
 
     if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise BadInputError(f"`threads` must be at least 1, got {args.threads}")
+        set_threads(args.threads)
         return
     n = set_threads(None)
     how = _THREADS_HOW.get(args.command)

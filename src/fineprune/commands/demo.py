@@ -23,14 +23,10 @@ def _args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the whole story (attack, four defenses) on 5,000 embedded MNIST digits."""
     from ..defense.stop_rule import check_threshold
-    from ..errors import BadInputError
     from ..experiment.demo import DemoConfig, format_table, run_demo
     from ..progress import Progress
 
-    try:
-        check_threshold(args.threshold)
-    except ValueError as exc:
-        raise BadInputError(str(exc)) from None
+    check_threshold(args.threshold)
     t0 = time.perf_counter()
     if not args.quiet:
         print("fineprune demo: MNIST (5,000 real digits), BadNets 3x3 patch, 10% poisoning, target 0")

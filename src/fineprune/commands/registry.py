@@ -19,3 +19,12 @@ def command(name: str, add_args: AddArgs) -> Callable[[Command], Command]:
         return fn
 
     return deco
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    """`--threads N` (checked and applied by cli.py before the command runs)."""
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: min(physical cores, CPUs this process may use), or "
+                        "$OMP_NUM_THREADS when set: never more threads than cores, and the same count on every "
+                        "run of a machine, since models trained with another count differ slightly (run.json "
+                        "records it); on a busy machine fewer is faster, and a note in the terminal says so)")

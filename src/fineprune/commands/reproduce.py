@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..defense.stop_rule import DEFAULT_THRESHOLD
 from ..tasks import DEFAULT_DATA_ROOT
-from .registry import command
+from .registry import add_threads, command
 
 TASKS = ("face", "speech", "traffic")  # "all": the paper's three; "mnist" runs on embedded data
 
@@ -25,11 +25,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help="override the attacker's training epochs")
     p.add_argument("--finetune-epochs", type=int, default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: min(physical cores, CPUs this process may use), or "
-                        "$OMP_NUM_THREADS when set; on a busy machine fewer is faster, and a note in the terminal "
-                        "says so). Models trained with a different thread count differ slightly (float summation order); "
-                        "run.json records it")
+    add_threads(p)
     p.add_argument("--no-timings", dest="timings", action="store_false",
                    help="write null for every wall-clock `seconds` field, so two runs with the same seed "
                         "give byte-identical results.json")
@@ -44,18 +40,9 @@ def run(args: argparse.Namespace) -> int:
     from ..experiment.reproduce import ReproduceConfig, run_reproduce
     from ..progress import Progress
 
-    try:
-        check_threshold(args.threshold)
-    except ValueError as exc:
-        raise BadInputError(str(exc)) from None
+    check_threshold(args.threshold)
     if not 0 < args.subsample <= 1:
         raise BadInputError(f"--subsample must be in (0, 1], got {args.subsample}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise BadInputError(f"--threads must be at least 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
     if args.task != "mnist" and not Path(args.data_root).exists():
         raise BadInputError(f"data root {args.data_root} does not exist; pass --data-root with the dataset archives")
     tasks = TASKS if args.task == "all" else (args.task,)

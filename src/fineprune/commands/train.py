@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from .registry import command
+from .registry import add_threads, command
 
 #: Per-epoch checkpoint inside --out while training runs (removed once the model is saved).
 TRAIN_CHECKPOINT = ".fineprune-train.ckpt"
@@ -27,11 +27,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poison-rate", type=float, default=None,
                    help="fraction of the training set poisoned (default: the task's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: min(physical cores, CPUs this process may use), or "
-                        "$OMP_NUM_THREADS when set: never more threads than cores, and the same count on every "
-                        "run of a machine, since models trained with another count differ slightly; on a busy "
-                        "machine fewer is faster, and a note in the terminal says so)")
+    add_threads(p)
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its checkpoint in --out (same settings and seed); "
                         "the result equals an uninterrupted run's")
@@ -44,7 +40,6 @@ def _args(p: argparse.ArgumentParser) -> None:
 @command("train", _args)
 def run(args: argparse.Namespace) -> int:
     """Train a clean or backdoored model for a task and save it (safetensors + JSON)."""
-    import torch
 
     from ..errors import BadInputError
     from ..experiment.train import save_trained, train_task
@@ -61,10 +56,6 @@ def run(args: argparse.Namespace) -> int:
         raise BadInputError(f"--epochs must be at least 1, got {args.epochs}")
     if args.poison_rate is not None and not 0.0 < args.poison_rate <= 1.0:
         raise BadInputError(f"--poison-rate must be in (0, 1], got {args.poison_rate}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise BadInputError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
     out = check_out_dir(args.out, force=True)  # a file is refused; an existing folder is reused
     checkpoint = out / TRAIN_CHECKPOINT
     if checkpoint.is_file() and not args.resume and not args.force:

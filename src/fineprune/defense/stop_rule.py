@@ -3,14 +3,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..errors import BadInputError
+
 DEFAULT_THRESHOLD = 4.0  # the paper's fine-pruning stop rule: prune while clean validation accuracy stays within 4 points
 
 
 def check_threshold(threshold: float) -> float:
-    """Thresholds are percentage points in [0, 100]."""
+    """Thresholds are percentage points in [0, 100] (a BadInputError, so also a ValueError)."""
     t = float(threshold)
     if not 0.0 <= t <= 100.0 or t != t:
-        raise ValueError(f"threshold is in percentage points and must lie in [0, 100], got {threshold}")
+        raise BadInputError(f"threshold is in percentage points and must lie in [0, 100], got {threshold}")
     return t
 
 

@@ -89,12 +89,6 @@ class SweepCurve:
         return [k / self.num_channels for k in range(self.num_channels + 1)]
 
 
-def channel_means_of(h: torch.Tensor) -> torch.Tensor:
-    """Mean over samples and positions of each channel (dim 1), accumulated in float64."""
-    dims = [d for d in range(h.dim()) if d != 1]
-    return h.double().mean(dim=dims)
-
-
 def _channel_sums(h: torch.Tensor) -> torch.Tensor:
     """Per-channel float64 sum of one batch: summed per batch in batch order, exactly as
     `layer_means` does, so the cached and the full sweep rank channels identically."""

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..defense.api import DefenseResult, RunOptions, defend
 from ..evaluation.metrics import evaluate
+from ..progress import as_progress
 from ..runtime import seed_everything
 from .setup import TaskSetup
 from .vocabulary import DEFENSES
@@ -27,6 +28,8 @@ def defend_one(setup: TaskSetup, attack_name: str, model: nn.Module, info: dict,
     res = None if method is None else defend(
         model, setup.defender_train, setup.defender_val, method, triggered=setup.trig_val,
         threshold=threshold, finetune=setup.ft_cfg, run=RunOptions(device=setup.device, seed=setup.seed))
+    for warning in [] if res is None else res.warnings:  # logged; the row keeps its fields
+        as_progress(setup.progress).log(f"  {setup.task.name} {attack_name} {defense}: warning: {warning}")
     m = evaluate(model if res is None else res.model, setup.data.test, setup.trig_test, setup.device)
     row = {"task": setup.task.name, "attack": attack_name, "defense": defense, **m.to_dict(),
            "pruned_fraction": 0.0 if res is None else res.pruned_fraction,

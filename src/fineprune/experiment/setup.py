@@ -50,7 +50,6 @@ class TaskSetup:
     seed: int
     device: torch.device
     progress: bool | Progress = False
-    attacker_val_fraction: float = 0.2
 
     def fresh(self) -> nn.Module:
         torch.manual_seed(self.seed)
@@ -117,5 +116,4 @@ def prepare_task(task: TaskSpec, data: TaskData, *, data_root: str, seed: int, s
                      defender_train=defender_train, defender_val=defender_val,
                      attacker_train=attacker_train, attacker_val=attacker_val,
                      trig_test=trig_test, trig_val=trig_val, base=base, seed=seed,
-                     device=pick_device(device), progress=progress,
-                     attacker_val_fraction=attacker_val_fraction)
+                     device=pick_device(device), progress=progress)

@@ -10,26 +10,17 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections import OrderedDict
+from functools import lru_cache
 
 from .config import load_plugins
 
-_DATA_CACHE: OrderedDict = OrderedDict()
-_DATA_CACHE_SIZE = 2
 
-
-def _task_data(task, data_root: str, seed: int, subsample: float):
+@lru_cache(maxsize=2)  # a worker keeps the last two datasets it loaded
+def _task_data(task_name: str, data_root: str, seed: int, subsample: float):
     from ..experiment import load_task_data
+    from ..tasks import get_task
 
-    key = (task.name, str(data_root), seed, subsample)
-    if key in _DATA_CACHE:
-        _DATA_CACHE.move_to_end(key)
-        return _DATA_CACHE[key]
-    data = load_task_data(task, data_root, seed, subsample)
-    _DATA_CACHE[key] = data
-    while len(_DATA_CACHE) > _DATA_CACHE_SIZE:
-        _DATA_CACHE.popitem(last=False)
-    return data
+    return load_task_data(get_task(task_name), data_root, seed, subsample)
 
 
 def _or(value, default):
@@ -44,7 +35,7 @@ def _setup(params: dict, data_root: str, device: str | None):
     task = get_task(params["task"])
     seed = params["seed"]
     seed_everything(seed)
-    data = _task_data(task, data_root, seed, params["subsample"])
+    data = _task_data(task.name, str(data_root), seed, params["subsample"])
     return prepare_task(
         task, data, data_root=data_root, seed=seed, subsample=params["subsample"],
         poison_rate=params.get("poison_rate"), epochs=params.get("epochs"),
