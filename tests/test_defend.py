@@ -77,7 +77,7 @@ def test_fine_tuning_that_wrecks_accuracy_is_discarded_by_the_guard():
     learning rate far too high destroys it (the face network at lr 0.05). The accuracy guard then
     keeps the model from before fine-tuning, says so, and never returns the wrecked one."""
     model, train, val = _setup()
-    wild = defend(model, train, val, "fine-tune", finetune=TrainConfig(epochs=2, lr=50.0, batch_size=32))
+    wild = defend(model, train, val, "fine-tune", finetune=TrainConfig(epochs=2, lr=50.0, batch_size=32), lr_factors=(1.0,))
     assert all(e.val_acc < wild.before.clean_acc - 0.04 for e in wild.finetune.epochs)  # every epoch wrecked
     assert wild.after.clean_acc == wild.before.clean_acc  # the original model, unchanged
     for a, b in zip(wild.model.state_dict().values(), model.state_dict().values()):
@@ -88,7 +88,7 @@ def test_fine_tuning_that_wrecks_accuracy_is_discarded_by_the_guard():
     assert abs(calm.before.clean_acc - calm.after.clean_acc) <= 0.04 and calm.warnings == []
     model, train, val = _setup(scale=20.0)  # pruning stops early and fine-tuning has work
     pruned = defend(model, train, val, "fine-prune", threshold=4.0,
-                    finetune=TrainConfig(epochs=2, lr=50.0, batch_size=32))
+                    finetune=TrainConfig(epochs=2, lr=50.0, batch_size=32), lr_factors=(1.0,))
     assert 0 < pruned.stop_k < pruned.num_channels
     assert all(e.val_acc < pruned.before.clean_acc - 0.04 for e in pruned.finetune.epochs)
     assert 100 * (pruned.before.clean_acc - pruned.after.clean_acc) <= 4.0 + 1e-9  # within the guard
@@ -96,3 +96,45 @@ def test_fine_tuning_that_wrecks_accuracy_is_discarded_by_the_guard():
     assert round(pruned.after.clean_acc * n) == pruned.sweep.clean_correct[pruned.stop_k]
     assert "the pruned model" in pruned.warnings[0]
     assert Pruning(threshold=4.0).fit(model, val).warnings == []  # no fine-tuning, nothing to flag
+
+
+def test_discarded_fine_tuning_is_retried_gentler_and_divergence_stops_early():
+    """The guard's second half: a run it discards is retried from the same start at a gentler
+    learning rate, and the first run within the threshold is kept (chosen on validation data);
+    a run whose loss becomes non-finite stops at once and counts as diverged."""
+    model, train, val = _setup()
+    res = defend(model, train, val, "fine-tune", finetune=TrainConfig(epochs=2, lr=50.0, batch_size=32),
+                 lr_factors=(1.0, 1e-6))
+    assert [a["lr"] for a in res.finetune.attempts] == [50.0] and res.finetune.lr == 50.0 * 1e-6
+    assert res.finetune.best_epoch in (1, 2)  # a fine-tuned epoch is kept, not the original model
+    assert 100 * (res.before.clean_acc - res.after.clean_acc) <= 4.0 + 1e-9
+    assert len(res.warnings) == 1 and "retried gentler" in res.warnings[0] and "lr 5e-05" in res.warnings[0]
+    plain = defend(model, train, val, "fine-tune", finetune=TrainConfig(epochs=2, lr=50.0 * 1e-6, batch_size=32))
+    for a, b in zip(res.model.state_dict().values(), plain.model.state_dict().values()):
+        assert torch.equal(a, b)  # the retry starts from the same weights as a first run at that lr
+    blown = defend(model, train, val, "fine-tune", finetune=TrainConfig(epochs=5, lr=1e30, batch_size=32),
+                   lr_factors=(1.0,))
+    assert blown.finetune.attempts[0]["diverged"] and len(blown.finetune.epochs) < 5
+    assert "diverged" in blown.warnings[0] and blown.finetune.best_epoch == 0
+
+
+def test_other_criteria_and_the_bound_stop_rule_run_through_the_same_exact_sweep():
+    """The pruning order can come from a trigger-agnostic criterion (CLP: data-free; ANP); the stop
+    rule and the masks are the same, so the model returned is the sweep's model at the stop point."""
+    model, _, val = _setup(scale=20.0)
+    n = len(val)
+    for criterion in ("clp", "anp"):
+        res = Pruning(threshold=4.0, criterion=criterion).fit(model, val)
+        assert res.sweep.criterion == criterion and sorted(res.sweep.order) == list(range(res.num_channels))
+        assert res.pruned_channels == res.sweep.order[:res.stop_k]
+        assert round(res.after.clean_acc * n) == res.sweep.clean_correct[res.stop_k]
+    paper = Pruning(threshold=4.0).fit(model, val)
+    bound = Pruning(threshold=4.0, stop_rule="bound").fit(model, val)
+    assert bound.sweep.order == paper.sweep.order and bound.stop_k <= paper.stop_k
+    for bad in ({"criterion": "magic"}, {"stop_rule": "loose"}):
+        try:
+            Pruning(**bad)
+        except ValueError as exc:
+            assert next(iter(bad.values())) in str(exc)
+        else:
+            raise AssertionError(f"{bad} accepted")

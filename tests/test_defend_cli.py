@@ -296,7 +296,63 @@ def test_config_file_with_flags_winning(ws, tmp_path):
     assert info["data"]["clean"]["path"] == str(tmp_path / "data" / "small.npz")
 
 
+def test_recipe_flag_runs_and_is_recorded(ws, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("--model", ws.root / "model.safetensors", "--arch", ws.arch, "--data", ws.root / "small.npz",
+                   "--method", "fine-tune", "--epochs", 1, "--recipe", "augment", "--out", out, "--quiet") == 0
+    info = json.loads((out / "model.json").read_text())
+    assert info["finetune"]["recipe"]["name"] == "augment" and info["finetune"]["recipe"]["augmentation"]
+    assert "--recipe augment" in info["command"]
+    assert "recipe augment" in (out / "report.html").read_text(encoding="utf-8")
+
+
+def test_recipe_from_a_config_file_and_ignored_by_prune(ws, tmp_path):
+    cfg = tmp_path / "defend.toml"
+    cfg.write_text(f'model = "{ws.root / "model.safetensors"}"\narch = "{ws.arch}"\n'
+                   f'data = "{ws.root / "small.npz"}"\nout = "result"\n[finetune]\nrecipe = "ft-sam"\n')
+    assert run_cli("--config", cfg, "--method", "prune", "--quiet") == 0
+    info = json.loads((tmp_path / "result" / "model.json").read_text())
+    assert info["finetune"] is None
+    assert any("--recipe ft-sam is ignored by --method prune" in w for w in info["warnings"])
+
+
+def test_criterion_and_stop_rule_flags_run_and_are_recorded(ws, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("--model", ws.root / "model.safetensors", "--arch", ws.arch, "--data", ws.root / "small.npz",
+                   "--method", "prune", "--criterion", "clp", "--stop-rule", "bound", "--no-compact",
+                   "--out", out, "--quiet") == 0
+    info = json.loads((out / "model.json").read_text())
+    assert info["sweep"]["criterion"] == "clp" and info["sweep"]["stop_rule"] == "bound"
+    assert "--criterion clp --stop-rule bound" in info["command"]
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "clp: decreasing channel Lipschitz bound" in html and "bound: stay within" in html
+
+
+def test_criterion_and_stop_rule_defaults_stay_off_the_command_line():
+    from fineprune.pipeline.job import DefendJob
+
+    job = DefendJob(model="m.safetensors", arch="demo-cnn", data="d.npz", out="o").validate()
+    assert "--criterion" not in job.command_line() and "--stop-rule" not in job.command_line()
+    job.criterion, job.stop_rule = "anp", "bound"
+    assert "--criterion anp --stop-rule bound" in job.validate().command_line()
+
+
+def test_criterion_and_stop_rule_from_a_config_file_and_ignored_by_fine_tune(ws, tmp_path):
+    cfg = tmp_path / "defend.toml"
+    cfg.write_text(f'model = "{ws.root / "model.safetensors"}"\narch = "{ws.arch}"\n'
+                   f'data = "{ws.root / "small.npz"}"\nout = "result"\n[pruning]\ncriterion = "anp"\n'
+                   'stop_rule = "bound"\n')
+    assert run_cli("--config", cfg, "--method", "fine-tune", "--epochs", 1, "--quiet") == 0
+    info = json.loads((tmp_path / "result" / "model.json").read_text())
+    assert info["sweep"] is None
+    assert any("--criterion anp is ignored by --method fine-tune" in w for w in info["warnings"])
+    assert any("--stop-rule bound is ignored by --method fine-tune" in w for w in info["warnings"])
+
+
 @pytest.mark.parametrize("override,needle", [
+    ({"--recipe": ["magic"]}, "--recipe must be one of plain, augment, ft-sam, fst, not 'magic'"),
+    ({"--criterion": ["magic"]}, "--criterion must be one of activation, clp, anp, not 'magic'"),
+    ({"--stop-rule": ["magic"]}, "--stop-rule must be one of paper, bound, not 'magic'"),
     ({"--triggered": ["trig.npz"]}, "--target"),
     ({"--arch": ["no_such_module_xyz:f"]}, "no_such_module_xyz"),
     ({"--num-classes": ["7"]}, "--num-classes"),

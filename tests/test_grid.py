@@ -18,13 +18,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import pytest
 
 from fineprune.errors import BadInputError
 from fineprune.grid import expand, parse_config, run_grid
-from fineprune.grid.results import ResultsLog, summarize
+from fineprune.grid.results import ResultsLog, summarize, summary_markdown
 from fineprune.progress import Progress
 
 VENV_BIN = Path(sys.executable).parent
@@ -289,7 +290,90 @@ def test_config_expansion_collapses_irrelevant_axes():
     assert expand(same)[0].id == expand(parse_config({"axes": {"task": "mnist", "threshold": 4.0}}))[0].id
 
 
+def test_cell_ids_and_model_keys_without_a_recipe_are_those_from_before_the_axis():
+    # Computed before the recipe axis existed: a grid that does not mention it keeps its cells'
+    # ids (its results.jsonl resumes) and its models' keys (OUT/models is reused).
+    cells = expand(parse_config({"axes": {"task": "mnist", "attack": ["none", "badnets", "pruning-aware"],
+                                          "defense": ["none", "fine-tuning", "pruning", "fine-pruning"]}}))
+    assert [(c.id, c.model_key()) for c in cells if c.params["attack"] != "none"] == [
+        ("mnist.badnets.none.483ae070b91c", "mnist-badnets-b71af912ec"),
+        ("mnist.badnets.fine-tuning.077ea8aab9fd", "mnist-badnets-b71af912ec"),
+        ("mnist.badnets.pruning.ef21656b6ddf", "mnist-badnets-b71af912ec"),
+        ("mnist.badnets.fine-pruning.f8c1cd71817b", "mnist-badnets-b71af912ec"),
+        ("mnist.pruning-aware.none.da3c33cea581", "mnist-pruning-aware-04bc0cd164"),
+        ("mnist.pruning-aware.fine-tuning.9525adf03261", "mnist-pruning-aware-04bc0cd164"),
+        ("mnist.pruning-aware.pruning.b252495c4aa5", "mnist-pruning-aware-04bc0cd164"),
+        ("mnist.pruning-aware.fine-pruning.4d56e1abc369", "mnist-pruning-aware-04bc0cd164")]
+    assert [c.id for c in cells if c.params["attack"] == "none"] == [
+        "mnist.none.none.ec2307ab6878", "mnist.none.fine-tuning.203121c2c55a",
+        "mnist.none.pruning.ec22c11b1775", "mnist.none.fine-pruning.9e292cec2979"]
+    # Naming the default recipe changes nothing either.
+    plain = expand(parse_config({"axes": {"task": "mnist", "attack": ["none", "badnets", "pruning-aware"],
+                                          "defense": ["none", "fine-tuning", "pruning", "fine-pruning"],
+                                          "recipe": "plain"}}))
+    assert [c.id for c in plain] == [c.id for c in cells]
+    # Nor does naming the default criterion and stop rule.
+    paper = expand(parse_config({"axes": {"task": "mnist", "attack": ["none", "badnets", "pruning-aware"],
+                                          "defense": ["none", "fine-tuning", "pruning", "fine-pruning"],
+                                          "criterion": "activation", "stop_rule": "paper"}}))
+    assert [(c.id, c.model_key()) for c in paper] == [(c.id, c.model_key()) for c in cells]
+
+
+def test_recipe_axis_expands_and_collapses_where_nothing_is_fine_tuned():
+    cfg = parse_config({"axes": {"task": "mnist", "defense": ["none", "pruning", "fine-tuning", "fine-pruning"],
+                                 "recipe": ["plain", "augment"], "seed": [0, 1]}})
+    cells = expand(cfg)
+    recipes = {}
+    for c in cells:
+        recipes.setdefault(c.params["defense"], []).append(c.params["recipe"])
+    assert recipes["none"] == [None, None] and recipes["pruning"] == [None, None]
+    assert sorted(recipes["fine-tuning"]) == sorted(recipes["fine-pruning"]) == ["augment"] * 2 + ["plain"] * 2
+    assert len({c.id for c in cells}) == len(cells) == 12
+    assert len({c.model_key() for c in cells}) == 2  # the recipe never changes the trained model
+    assert any("recipe=augment" in c.label() for c in cells)
+    latest = {c.id: {"cell": c.id, "status": "ok", "clean_acc": 0.9, "asr": 0.1, "robust_acc": 0.5,
+                     "pruned_fraction": 0.0} for c in cells}
+    table = summary_markdown(summarize(cells, latest))
+    header = table.splitlines()[4]
+    assert "| recipe |" in header
+    assert any("| augment |" in line for line in table.splitlines())
+    # one recipe only: no recipe column
+    single = expand(parse_config({"axes": {"task": "mnist", "defense": ["pruning", "fine-pruning"]}}))
+    assert "recipe" not in summary_markdown(summarize(single, {})).splitlines()[4]
+
+
+def test_criterion_and_stop_rule_axes_expand_and_collapse_where_nothing_is_pruned():
+    cfg = parse_config({"axes": {"task": "mnist", "defense": ["none", "pruning", "fine-tuning", "fine-pruning"],
+                                 "criterion": ["activation", "clp", "anp"], "stop_rule": ["paper", "bound"]}})
+    cells = expand(cfg)
+    by_defense = {}
+    for c in cells:
+        by_defense.setdefault(c.params["defense"], []).append((c.params["criterion"], c.params["stop_rule"]))
+    assert by_defense["none"] == by_defense["fine-tuning"] == [(None, None)]
+    assert len(by_defense["pruning"]) == len(by_defense["fine-pruning"]) == 6
+    assert len({c.id for c in cells}) == len(cells) == 14
+    assert len({c.model_key() for c in cells}) == 1  # neither changes the trained model
+    labels = [c.label() for c in cells]
+    assert any("criterion=clp" in lb and "stop_rule=bound" in lb for lb in labels)
+    assert not any("criterion=activation" in lb or "stop_rule=paper" in lb for lb in labels)
+    # the paper's values keep the id of the cell that does not name them
+    default_ids = {c.id for c in expand(parse_config({"axes": {"task": "mnist", "defense": "pruning"}}))}
+    assert default_ids <= {c.id for c in cells}
+    latest = {c.id: {"cell": c.id, "status": "ok", "clean_acc": 0.9, "asr": 0.1, "robust_acc": 0.5,
+                     "pruned_fraction": 0.0} for c in cells}
+    lines = summary_markdown(summarize(cells, latest)).splitlines()
+    assert "| criterion | stop_rule |" in lines[4]
+    assert any("| clp | bound |" in line for line in lines)
+    single = expand(parse_config({"axes": {"task": "mnist", "defense": ["pruning", "fine-pruning"],
+                                           "criterion": "clp"}}))
+    header = summary_markdown(summarize(single, {})).splitlines()[4]
+    assert "criterion" not in header and "stop_rule" not in header
+
+
 @pytest.mark.parametrize("raw, words", [
+    ({"axes": {"task": "mnist", "recipe": ["plain", "sam"]}}, "recipe: expected one of plain, augment, ft-sam, fst"),
+    ({"axes": {"task": "mnist", "criterion": "lipschitz"}}, "criterion: expected one of activation, clp, anp"),
+    ({"axes": {"task": "mnist", "stop_rule": ["paper", 3]}}, "stop_rule: expected one of paper, bound"),
     ({"axes": {"attack": "badnets"}}, "task"),
     ({"axes": {"task": "nope"}}, "unknown task"),
     ({"axes": {"task": "mnist", "threshold": [4, 200]}}, "threshold"),
@@ -337,3 +421,53 @@ def test_cli_rejects_a_bad_config(tmp_path, capsys):
     bad.write_text("axes: {task: mnist, threshold: [4, -1]}\n")
     assert main(["grid", str(bad)]) == 2
     assert "threshold" in capsys.readouterr().err
+
+
+def test_run_cell_passes_the_criterion_and_stop_rule_on(monkeypatch):
+    from fineprune import experiment
+    from fineprune.defense import persist
+    from fineprune.grid import work
+
+    seen = {}
+
+    def fake_defend_one(setup, attack, net, info, defense, threshold, **kw):
+        seen.update(kw, threshold=threshold)
+        return {"task": "mnist", "attack": attack, "defense": defense, "clean_acc": 1.0}, None
+
+    monkeypatch.setattr(work, "_setup", lambda *a, **k: types.SimpleNamespace(fresh=lambda: None))
+    monkeypatch.setattr(persist, "load_pruned", lambda net, path: net)
+    monkeypatch.setattr(experiment, "defend_one", fake_defend_one)
+    cells = expand(parse_config({"axes": {"task": "mnist", "defense": ["fine-tuning", "pruning"],
+                                          "criterion": "anp", "stop_rule": "bound"}}))
+    for cell in cells:
+        seen.clear()
+        work.run_cell({"id": cell.id, "params": cell.params, "data_root": "."}, {"path": "unused"})
+        pruned = cell.params["defense"] == "pruning"
+        assert (seen["criterion"], seen["stop_rule"]) == (("anp", "bound") if pruned else ("activation", "paper"))
+
+
+def test_trigger_axis_makes_its_own_models_and_keeps_the_clean_twin_shared():
+    cfg = parse_config({"axes": {"task": "mnist", "attack": ["none", "badnets"], "trigger": ["task", "blend"],
+                                 "defense": "fine-pruning"}})
+    cells = expand(cfg)
+    assert sorted((c.params["attack"], c.params["trigger"]) for c in cells) == [
+        ("badnets", "blend"), ("badnets", "task"), ("none", None)]
+    keys = {c.params["trigger"]: c.model_key() for c in cells}
+    assert len(set(keys.values())) == 3
+    plain = expand(parse_config({"axes": {"task": "mnist", "attack": "badnets", "defense": "fine-pruning"}}))
+    assert keys["task"] == plain[0].model_key()  # the task's own trigger keeps the key it had
+    with pytest.raises(BadInputError):
+        parse_config({"axes": {"task": "mnist", "trigger": "sticker"}})
+
+
+@pytest.mark.parametrize("name", ["grid-small.yaml", "grid-paper.yaml", "grid-purification.yaml"])
+def test_example_configs_parse_and_expand(name):
+    from fineprune.grid.config import load_config
+
+    cells = expand(load_config(Path(__file__).resolve().parents[1] / "examples" / name))
+    assert cells and len({c.id for c in cells}) == len(cells)
+    if name == "grid-purification.yaml":  # the paper's fine-pruning is in every block
+        paper = [c for c in cells if c.params["defense"] == "fine-pruning" and c.params["recipe"] == "plain"
+                 and c.params["criterion"] == "activation" and c.params["stop_rule"] == "paper"]
+        blocks = {(c.params["task"], c.params["attack"], c.params["poison_rate"], c.params["trigger"]) for c in cells}
+        assert {(c.params["task"], c.params["attack"], c.params["poison_rate"], c.params["trigger"]) for c in paper} == blocks

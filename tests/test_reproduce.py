@@ -157,3 +157,27 @@ def test_attacker_validation_is_held_out_of_what_its_models_train_on(tmp_path, m
         assert not shared, f"{len(shared)} attacker-validation samples in the {where} training data"
     for name in ("none", "badnets", "pruning-aware"):
         assert rep.model_recipe(setup, name)[1]["attacker_split"]["val"] == len(val)
+
+
+def test_blend_trigger_setup_names_its_own_models():
+    """`trigger="blend"`: the task's policy and rate with a seeded pattern blended over the whole
+    input; the models it makes have their own recipe, so they never reuse the task trigger's."""
+    import torch
+
+    from fineprune.experiment import load_task_data, model_recipe, prepare_task
+    from fineprune.experiment.setup import BLEND_ALPHA
+    from fineprune.tasks import get_task
+
+    task = get_task("mnist")
+    data = load_task_data(task, "", 0, 0.05)
+    plain = prepare_task(task, data, data_root="", seed=0, subsample=0.05, device="cpu")
+    blend = prepare_task(task, data, data_root="", seed=0, subsample=0.05, device="cpu", trigger="blend")
+    x = data.test.tensors[0][:8]
+    diff = (blend.attack.trigger(x) - x).abs()
+    assert (diff.flatten(1) > 0).float().mean() > 0.9  # everywhere, not a patch
+    assert torch.allclose(blend.attack.trigger(x), (1 - BLEND_ALPHA) * x + BLEND_ALPHA * blend.attack.trigger.pattern)
+    assert blend.attack.policy.describe() == plain.attack.policy.describe() and blend.attack.rate == plain.attack.rate
+    assert model_recipe(blend, "badnets")[1] != model_recipe(plain, "badnets")[1]
+    assert model_recipe(blend, "none")[1] == model_recipe(plain, "none")[1]  # the clean twin is shared
+    with pytest.raises(ValueError):
+        prepare_task(task, data, data_root="", seed=0, device="cpu", trigger="sticker")

@@ -29,3 +29,14 @@ def test_first_step_already_past_threshold():
 def test_threshold_out_of_range(bad):
     with pytest.raises(ValueError, match="threshold"):
         stop_point([1, 1], 1, bad)
+
+
+def test_bound_rule_prunes_nothing_it_cannot_vouch_for_and_meets_the_paper_rule_at_scale():
+    # 40 images at 92.5%: the sampling bound alone (6.8 points) exceeds a 4-point threshold
+    assert stop_point([37, 37, 36, 35, 30], 40, 4.0) == 2
+    assert stop_point([37, 37, 36, 35, 30], 40, 4.0, "bound") == 0
+    # 10,000 images: the bound (0.4 points at 95%) barely moves the paper's stop point
+    counts = [9500, 9500, 9450, 9300, 9120, 9050]
+    assert stop_point(counts, 10_000, 4.0) == 4 and stop_point(counts, 10_000, 4.0, "bound") == 3
+    with pytest.raises(ValueError):
+        stop_point(counts, 10_000, 4.0, "loose")

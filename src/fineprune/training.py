@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,6 +17,9 @@ from torch.utils.data import TensorDataset
 from .data.types import tensors
 from .progress import Progress, as_progress
 from .runtime import load_checkpoint, run_digest, save_checkpoint
+
+if TYPE_CHECKING:
+    from .recipes import Recipe
 
 
 @dataclass
@@ -47,6 +52,9 @@ class TrainHistory:
     epochs: list[EpochRecord] = field(default_factory=list)
     best_epoch: int | None = None
     seconds: float = 0.0
+    diverged: bool = False  # the loss became NaN or infinite: training stopped at that epoch
+    lr: float | None = None  # the learning rate of the run kept (the defense's fine-tuning may retry gentler)
+    attempts: list[dict] = field(default_factory=list)  # the defense's discarded fine-tuning runs
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -74,18 +82,27 @@ def train_one_epoch(
     batch_size: int, generator: torch.Generator, device: torch.device,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     on_batch: Callable[[int], None] | None = None,
+    recipe: Recipe | None = None,
 ) -> float:
     """One pass over (x, y); returns the mean training loss. `on_batch` gets each batch's size
-    (progress within the epoch: an epoch of a real task can take minutes on a CPU)."""
+    (progress within the epoch: an epoch of a real task can take minutes on a CPU). `recipe`
+    (`fineprune.recipes`): how a batch is augmented, scored and stepped; None = plain."""
+    if recipe is None:
+        from .recipes import Plain
+        recipe = Plain()
     model.train()
-    loss_fn = nn.CrossEntropyLoss()
     total, count = 0.0, 0
     for xb, yb in batches(x, y, batch_size, generator):
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        xb = recipe.augment(xb, generator)
+
+        def closure(xb=xb, yb=yb) -> torch.Tensor:
+            loss = recipe.loss(model, model(xb), yb)
+            loss.backward()
+            return loss
+
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(xb), yb)
-        loss.backward()
-        opt.step()
+        loss = recipe.step(model, opt, closure)
         if scheduler is not None:
             scheduler.step()
         total += float(loss.detach()) * xb.shape[0]
@@ -99,9 +116,16 @@ def train_one_epoch(
 _RECORD_FIELDS = ("train_loss", "val_acc", "asr", "seconds")
 
 
-def _run_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int) -> str:
-    """What a checkpoint must match to be resumed: settings, seed, data and starting weights."""
-    return run_digest({"cfg": cfg.to_dict(), "seed": seed}, (x, y, *model.state_dict().values()))
+def _run_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int,
+             recipe: Recipe | None = None) -> str:
+    """What a checkpoint must match to be resumed: settings, seed, recipe, data and starting weights.
+    (No recipe and "plain" give the key of a run from before recipes existed.)"""
+    settings = {"cfg": cfg.to_dict(), "seed": seed}
+    if recipe is not None:
+        from .recipes import Plain
+        if recipe.options() != Plain().options():
+            settings["recipe"] = recipe.options()
+    return run_digest(settings, (x, y, *model.state_dict().values()))
 
 
 def _save_checkpoint(path: Path, key: str, epoch: int, model: nn.Module, opt: torch.optim.Optimizer,
@@ -150,6 +174,7 @@ def train(
     checkpoint_path: str | os.PathLike[str] | None = None,
     resume: bool = False,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    recipe: Recipe | None = None,
 ) -> TrainHistory:
     """Train `model` in place. With `keep_best`, the weights of the epoch with the best `val_fn`
     score are restored at the end (ties go to the later epoch: more training, same validation).
@@ -161,7 +186,9 @@ def train(
     checkpoint from another run (other data, settings or starting weights) is refused.
     `on_epoch` sees each finished epoch's record (progress lines: send them to a `Progress`'s `log`
     so they land above the bar). `progress` (a `Progress`, or True for stderr) shows one bar over
-    all epochs' samples."""
+    all epochs' samples. `recipe` (`fineprune.recipes.get_recipe`): the fine-tuning method;
+    None or "plain" is the paper's plain training, bit for bit; its `prepare` runs before the first
+    epoch (and before a resumed checkpoint is loaded), drawing from the run's seeded generator."""
     if cfg.epochs < 0:
         raise ValueError("epochs must be >= 0")
     x, y = tensors(data)
@@ -177,11 +204,13 @@ def train(
         if steps and cfg.schedule == "cosine" else None
     )
     gen = torch.Generator().manual_seed(seed)
-    hist = TrainHistory()
+    hist = TrainHistory(lr=cfg.lr)
     best_score, best_state = None, None
     t_start = time.perf_counter()
     first = 1
-    key = _run_key(model, x, y, cfg, seed) if checkpoint_path is not None else ""
+    key = _run_key(model, x, y, cfg, seed, recipe) if checkpoint_path is not None else ""
+    if recipe is not None:
+        recipe.prepare(model, x[: min(2, x.shape[0])].to(device), gen)
     if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
         first, best_score, best_state = _load_checkpoint(Path(checkpoint_path), key, model, opt, sched, gen, hist)
     # One bar over every sample of every epoch, so it moves (with time left) within an epoch too.
@@ -192,7 +221,7 @@ def train(
             bar.set_description_str(f"{desc} epoch {epoch}/{cfg.epochs}", refresh=False)
             t0 = time.perf_counter()
             loss = train_one_epoch(model, x, y, opt, cfg.batch_size, gen, device, sched,
-                                   on_batch=bar.update)
+                                   on_batch=bar.update, recipe=recipe)
             rec = EpochRecord(epoch=epoch, train_loss=loss)
             if val_fn is not None:
                 rec.val_acc = val_fn(model)
@@ -208,6 +237,9 @@ def train(
                                  best_state)
             if on_epoch is not None:
                 on_epoch(rec)
+            if not math.isfinite(loss):  # diverged: every later epoch would be NaN too
+                hist.diverged = True
+                break
     if keep_best and best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

@@ -46,6 +46,17 @@ def _args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--lr", type=float, help="fine-tuning learning rate (default 0.05)")
     d.add_argument("--batch-size", type=int, help="fine-tuning batch size (default 64)")
     d.add_argument("--optimizer", choices=("sgd", "adam"), help="fine-tuning optimizer (default sgd)")
+    # Checked by DefendJob (not argparse choices): a bad name is one error line, as in a config file.
+    d.add_argument("--recipe", metavar="NAME",
+                   help="how fine-tuning trains: plain (default, the paper's), augment (random crop, or "
+                        "time shift and gain for audio), ft-sam (sharpness-aware minimisation), fst "
+                        "(feature shift tuning: re-initialised, pushed-away classifier head)")
+    d.add_argument("--criterion", metavar="NAME",
+                   help="pruning order: activation (default, the paper's), clp (channel Lipschitz, "
+                        "data-free) or anp (adversarial neuron perturbation)")
+    d.add_argument("--stop-rule", metavar="NAME",
+                   help="paper (default: within --threshold) or bound (within it including a one-sided "
+                        "95%% bound on the pruned model's validation accuracy)")
     d.add_argument("--max-cache-mb", type=float, metavar="MB",
                    help="bound on the sweep's cached features; what does not fit is recomputed in chunks "
                         "(default: cache everything)")

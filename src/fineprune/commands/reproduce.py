@@ -6,7 +6,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..defense.stop_rule import DEFAULT_THRESHOLD
+from ..defense.criteria import CRITERIA
+from ..defense.stop_rule import DEFAULT_THRESHOLD, STOP_RULES
+from ..recipes import RECIPES
 from ..tasks import DEFAULT_DATA_ROOT
 from .registry import add_threads, command
 
@@ -24,6 +26,12 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subsample", type=float, default=1.0, help="use this fraction of every split (quick looks)")
     p.add_argument("--epochs", type=int, default=None, help="override the attacker's training epochs")
     p.add_argument("--finetune-epochs", type=int, default=None)
+    p.add_argument("--recipe", default="plain", choices=sorted(RECIPES),
+                   help="the defender's fine-tuning recipe (default plain: the paper's)")
+    p.add_argument("--criterion", default="activation", choices=list(CRITERIA),
+                   help="the defender's pruning order (default activation: the paper's)")
+    p.add_argument("--stop-rule", default="paper", choices=list(STOP_RULES),
+                   help="the defender's stop rule (default paper; bound: with a 95%% bound on validation accuracy)")
     p.add_argument("--device", default=None)
     add_threads(p)
     p.add_argument("--no-timings", dest="timings", action="store_false",
@@ -49,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     cfg = ReproduceConfig(tasks=tasks, data_root=args.data_root, out=args.out, seed=args.seed,
                           threshold=args.threshold, subsample=args.subsample, epochs=args.epochs,
-                          finetune_epochs=args.finetune_epochs, device=args.device,
+                          finetune_epochs=args.finetune_epochs, recipe=args.recipe,
+                          criterion=args.criterion, stop_rule=args.stop_rule, device=args.device,
                           progress=False if args.quiet else Progress(sys.stdout),
                           timings=args.timings)
     run_reproduce(cfg)

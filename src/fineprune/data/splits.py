@@ -28,7 +28,29 @@ def stratified_split(
             bounds.append(int(round(acc * len(idx))))
         for p in range(len(fractions)):
             parts[p].append(idx[bounds[p] : bounds[p + 1]])
-    return [torch.sort(torch.cat(p)).values if p else torch.empty(0, dtype=torch.long) for p in parts]
+    out = [torch.sort(torch.cat(p)).values if p else torch.empty(0, dtype=torch.long) for p in parts]
+    if any(len(o) == 0 and round(f * len(y)) >= 1 for o, f in zip(out, fractions)):
+        return _interleaved_split(y, fractions, seed)
+    return out
+
+
+def _interleaved_split(y: torch.Tensor, fractions: Sequence[float], seed: int) -> list[torch.Tensor]:
+    """The split when rounding per class leaves a part empty (e.g. 40 people with 2 images each:
+    20% of 2 rounds to 0 for every class): all samples in one order that runs through the classes
+    round-robin (each class shuffled with `seed`, classes in a seeded order), cut at the rounded
+    cumulative fractions of the total, so every part gets its share and as many classes as it can."""
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.unique(y)
+    classes = classes[torch.randperm(len(classes), generator=g)]
+    keyed = []
+    for c in classes.tolist():
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        keyed += [((i + 0.5) / len(idx), len(keyed), int(j)) for i, j in enumerate(idx)]
+    order = [j for *_, j in sorted(keyed)]
+    bounds = [int(round(sum(fractions[:p]) * len(order))) for p in range(len(fractions) + 1)]
+    return [torch.sort(torch.tensor(order[bounds[p]:bounds[p + 1]], dtype=torch.long)).values
+            for p in range(len(fractions))]
 
 
 def group_split(

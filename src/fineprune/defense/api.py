@@ -16,13 +16,16 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from ..data.types import tensors
+from ..errors import BadInputError
 from ..evaluation.metrics import Metrics, TriggeredSet, accuracy, attack_metrics, evaluate
 from ..progress import Progress
+from ..recipes import Recipe, get_recipe
 from ..runtime import pick_device
 from ..training import TrainConfig, TrainHistory, train
+from .criteria import CRITERIA, channel_order
 from .layer import LayerChoice, find_prune_layer
 from .mask import set_pruned
-from .stop_rule import DEFAULT_THRESHOLD, check_threshold, stop_point
+from .stop_rule import DEFAULT_THRESHOLD, STOP_RULES, check_threshold, stop_point
 from .sweep import SweepCurve, sweep
 
 METHODS = ("fine-prune", "prune", "fine-tune")
@@ -40,6 +43,15 @@ METHODS = ("fine-prune", "prune", "fine-tune")
 # rechoose this one. Values unchanged until then.
 DEFAULT_FINETUNE = TrainConfig(epochs=10, lr=0.05, batch_size=64, optimizer="sgd", momentum=0.9,
                                weight_decay=5e-4, schedule="cosine")
+
+# The fine-tuning learning rates tried, as factors of the configured one, strongest first: each
+# run starts from the same weights, and the first whose best epoch is within the accuracy guard
+# is kept, so a model gets the strongest setting its own clean validation data allows. What chose
+# them: the configured rate first (the paper's fine-tuning is unchanged where it passes the
+# guard), then a decade per step, two steps; not tuned on any model. Cost: at most three runs,
+# and more than one only where the first is discarded. Pass e.g. (3.0, 1.0, 0.3, 0.1) to search
+# above the configured rate too, or (1.0,) for the configured rate alone.
+LR_FACTORS: tuple[float, ...] = (1.0, 0.1, 0.01)
 
 
 @dataclass
@@ -90,9 +102,26 @@ class _Defense:
     threshold: float
     layer: str | None
     finetune: TrainConfig | None
+    lr_factors: tuple[float, ...]
+    recipe: str | Recipe
+    stop_rule: str
+    criterion: str
 
     def __post_init__(self) -> None:
         self.threshold = check_threshold(self.threshold)
+        if isinstance(getattr(self, "recipe", None), str):
+            get_recipe(self.recipe)  # an unknown name fails here, before any work
+        factors = getattr(self, "lr_factors", (1.0,))
+        if not factors or not all(isinstance(f, (int, float)) and f > 0 for f in factors):
+            raise BadInputError(f"lr_factors must be positive numbers (at least one), got {factors!r}")
+        if getattr(self, "criterion", "activation") not in CRITERIA:
+            raise BadInputError(f"criterion must be one of {', '.join(CRITERIA)}, not {self.criterion!r}")
+        if getattr(self, "stop_rule", "paper") not in STOP_RULES:
+            raise BadInputError(f"stop rule must be one of {', '.join(STOP_RULES)}, not {self.stop_rule!r}")
+
+    def _recipe(self) -> Recipe:
+        """A fresh recipe for one fine-tuning run (a recipe may hold state from the model it prepared)."""
+        return get_recipe(self.recipe) if isinstance(self.recipe, str) else copy.deepcopy(self.recipe)
 
     def _fit(self, model: nn.Module, train_data: TensorDataset | None, val: TensorDataset,
              triggered: TriggeredSet | None, run: RunOptions | None) -> DefenseResult:
@@ -121,39 +150,63 @@ class _Defense:
         if x.shape[0] == 0:
             raise ValueError("the clean validation set is empty")
         choice = find_prune_layer(model, x[:2].to(run.device), self.layer)
+        order = channel_order(self.criterion, model, choice.name, x, y, device=run.device, seed=run.seed)
         curve = sweep(model, choice.name, x, y, triggered, mode=run.sweep_mode,
                       device=run.device, progress=run.progress, budget_mb=run.budget_mb,
                       max_cache_mb=run.max_cache_mb, checkpoint_path=run.sweep_checkpoint_path,
-                      resume=run.resume)
-        k = stop_point(curve.clean_correct, curve.num_clean, self.threshold)
+                      resume=run.resume, order=order, criterion=self.criterion)
+        k = stop_point(curve.clean_correct, curve.num_clean, self.threshold, self.stop_rule)
         set_pruned(model, choice.name, curve.order[:k], choice.channels)
         return choice, curve, k
 
     def _finetune(self, model: nn.Module, train_data: TensorDataset, val: TensorDataset,
                   triggered: TriggeredSet | None, before: Metrics, run: RunOptions
                   ) -> tuple[TrainHistory, list[str]]:
-        """Fine-tune in place, keeping the epoch with the best validation accuracy; then the
-        accuracy guard: if even that epoch is more than `threshold` points below the original model
-        on validation data (counted as the stop rule counts), fine-tuning diverged or over-fitted,
-        and the model from before fine-tuning (pruned only, or the original) is kept instead, with
-        a warning. So nothing a defense returns is worse than its own guard."""
+        """Fine-tune in place, keeping the epoch with the best validation accuracy, under the
+        accuracy guard: a run whose best epoch is more than `threshold` points below the original
+        model on validation data (counted as the stop rule counts) diverged or over-fitted, and is
+        discarded; the next learning rate of `lr_factors` is then tried from the same start, and
+        the first run within the threshold is kept. If none is, the model from before
+        fine-tuning (pruned only, or the original) is kept, with a warning. So nothing a defense
+        returns is worse than its own guard, and one learning rate that wrecks one network does
+        not decide the result alone."""
         start = copy.deepcopy(model.state_dict())
+        cfg = self.finetune or copy.deepcopy(DEFAULT_FINETUNE)
         extra = (lambda m: attack_metrics(m, triggered, run.device)[0]) if triggered is not None else None
-        hist = train(model, train_data, self.finetune or copy.deepcopy(DEFAULT_FINETUNE), device=run.device,
-                     seed=run.seed, val_fn=lambda m: accuracy(m, val, run.device), extra_fn=extra,
-                     keep_best=True, progress=run.progress, desc="fine-tune",
-                     checkpoint_path=run.checkpoint_path, resume=run.resume)
         n = len(val)
-        base, best = round(before.clean_acc * n), round(accuracy(model, val, run.device) * n)
-        if base - best <= self.threshold / 100.0 * n + 1e-9:
-            return hist, []
+        base = round(before.clean_acc * n)
+        discarded: list[dict] = []
+        for i, factor in enumerate(self.lr_factors):
+            if i:
+                model.load_state_dict(start)
+            ckpt = run.checkpoint_path if run.checkpoint_path is None or not i else f"{run.checkpoint_path}.retry{i}"
+            desc = f"fine-tune (retry {i}, lr {cfg.lr * factor:g})" if i else "fine-tune"
+            hist = train(model, train_data, replace(cfg, lr=cfg.lr * factor), device=run.device, seed=run.seed,
+                         val_fn=lambda m: accuracy(m, val, run.device), extra_fn=extra, keep_best=True,
+                         progress=run.progress, desc=desc, checkpoint_path=ckpt, resume=run.resume,
+                         recipe=self._recipe())
+            best = round(accuracy(model, val, run.device) * n)
+            if base - best <= self.threshold / 100.0 * n + 1e-9:
+                hist.attempts = discarded
+                return hist, [_retried(discarded, hist)] if discarded else []
+            discarded.append({"lr": hist.lr, "best_val_acc": best / n, "diverged": hist.diverged})
         model.load_state_dict(start)
-        hist.best_epoch = 0  # epoch 0: the model as it was before fine-tuning
+        hist.best_epoch, hist.attempts = 0, discarded  # epoch 0: the model as it was before fine-tuning
         kept = "the pruned model" if self.method == "fine-prune" else "the original model"
-        return hist, [f"fine-tuning discarded: its best epoch scored {100 * best / n:.1f}% on validation "
-                      f"data, more than {self.threshold:g} points below the original model's "
-                      f"{100 * base / n:.1f}% (diverged or over-fitted; a lower learning rate may help); "
+        return hist, [f"fine-tuning discarded: at every learning rate tried ({_tried(discarded)}) its best "
+                      f"epoch was more than {self.threshold:g} points below the original model's "
+                      f"{100 * base / n:.1f}% on validation data (diverged or over-fitted); "
                       f"the output is {kept}, as before fine-tuning"]
+
+
+def _tried(attempts: list[dict]) -> str:
+    return ", ".join(f"lr {a['lr']:g}: " + ("diverged" if a["diverged"] else f"{100 * a['best_val_acc']:.1f}%")
+                     for a in attempts)
+
+
+def _retried(discarded: list[dict], hist: TrainHistory) -> str:
+    return (f"fine-tuning retried gentler: discarded {_tried(discarded)} (more than the threshold below "
+            f"the original on validation data); kept lr {hist.lr:g}")
 
 
 @dataclass
@@ -163,6 +216,8 @@ class Pruning(_Defense):
 
     threshold: float = DEFAULT_THRESHOLD
     layer: str | None = None
+    stop_rule: str = "paper"  # or "bound": aware of how coarse the validation set is (stop_rule.stop_point)
+    criterion: str = "activation"  # the pruning order: the paper's, or "clp", "anp" (defense.criteria)
     method = "prune"
 
     def fit(self, model: nn.Module, clean_val: TensorDataset, triggered: TriggeredSet | None = None,
@@ -177,6 +232,8 @@ class FineTuning(_Defense):
 
     finetune: TrainConfig | None = None
     threshold: float = DEFAULT_THRESHOLD
+    lr_factors: tuple[float, ...] = LR_FACTORS
+    recipe: str | Recipe = "plain"
     method = "fine-tune"
 
     def fit(self, model: nn.Module, clean_train: TensorDataset, clean_val: TensorDataset,
@@ -191,6 +248,10 @@ class FinePruning(_Defense):
     threshold: float = DEFAULT_THRESHOLD
     layer: str | None = None
     finetune: TrainConfig | None = None
+    lr_factors: tuple[float, ...] = LR_FACTORS
+    recipe: str | Recipe = "plain"
+    stop_rule: str = "paper"
+    criterion: str = "activation"
     method = "fine-prune"
 
     def fit(self, model: nn.Module, clean_train: TensorDataset, clean_val: TensorDataset,
@@ -208,6 +269,10 @@ def defend(
     threshold: float = DEFAULT_THRESHOLD,
     layer: str | None = None,
     finetune: TrainConfig | None = None,
+    lr_factors: tuple[float, ...] = LR_FACTORS,
+    recipe: str | Recipe = "plain",
+    stop_rule: str = "paper",
+    criterion: str = "activation",
     run: RunOptions | None = None,
 ) -> DefenseResult:
     """Run one defense by name ("fine-prune", "prune" or "fine-tune") on a copy of `model`.
@@ -215,14 +280,20 @@ def defend(
     `clean_val` chooses everything (ranking, stop point, fine-tuning epoch); `triggered`, if given,
     is only measured. `threshold`: points (the stop rule and fine-tuning's accuracy guard); `layer`:
     the pruned layer (None: the last conv layer; fine-tune ignores it); `finetune`: None for
-    DEFAULT_FINETUNE (prune ignores it); `run`: how it runs (RunOptions: nothing that changes the result).
+    DEFAULT_FINETUNE (prune ignores it); `lr_factors`: the fine-tuning learning rates tried, as
+    factors of the configured one, strongest first (see LR_FACTORS); `recipe`: how fine-tuning steps (a name
+    of `fineprune.recipes.RECIPES`: "plain", the paper's, or "augment", "ft-sam", "fst", or a
+    `Recipe`); `stop_rule`: "paper" or "bound" (see `stop_rule.stop_point`); `criterion`: the order
+    channels are pruned in ("activation", the paper's; "clp", "anp": `defense.criteria`); `run`: how it runs
+    (RunOptions: nothing that changes the result).
     """
     if method == "prune":
-        return Pruning(threshold=threshold, layer=layer).fit(model, clean_val, triggered, run)
+        return Pruning(threshold, layer, stop_rule, criterion).fit(model, clean_val, triggered, run)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     if clean_train is None:
         raise ValueError(f"method {method!r} needs clean training data for fine-tuning")
     if method == "fine-tune":
-        return FineTuning(finetune, threshold).fit(model, clean_train, clean_val, triggered, run)
-    return FinePruning(threshold, layer, finetune).fit(model, clean_train, clean_val, triggered, run)
+        return FineTuning(finetune, threshold, lr_factors, recipe).fit(model, clean_train, clean_val, triggered, run)
+    defense = FinePruning(threshold, layer, finetune, lr_factors, recipe, stop_rule, criterion)
+    return defense.fit(model, clean_train, clean_val, triggered, run)

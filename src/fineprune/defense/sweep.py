@@ -21,6 +21,8 @@ What is guaranteed (the tests check it; `error_bounds` proves the certified part
   classes, and so may the sweep. Per-k counts therefore equal the full protocol's whenever no
   prediction is such a tie, as on every model of the tests and benchmarks; at a tie they may
   differ exactly as two batch sizes of the full protocol differ.
+* An explicit `order` (another criterion's ranking, see `criteria`) replaces only the ranking:
+  the channel means are still measured, and the counts per k are as exact as above.
 * Sweeps run under `exact_float32()`: no TF32 / bfloat16 products (cuDNN allows TF32 by default);
   whatever cannot be turned off makes the certificate use TF32's unit roundoff.
 """
@@ -50,10 +52,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SweepCurve:
-    """Metrics after pruning the k lowest-activation channels, for k = 0..C."""
+    """Metrics after pruning the first k channels of `order`, for k = 0..C. The order is the
+    paper's (increasing mean activation on clean data) unless the sweep was given an explicit one
+    (`criterion` names what produced it, see `criteria`)."""
 
     layer: str
-    order: list[int]  # channels in pruning order (increasing mean activation on clean data)
+    order: list[int]  # channels in pruning order (by default increasing mean activation on clean data)
     channel_means: list[float]
     clean_correct: list[int]  # per k
     num_clean: int
@@ -64,6 +68,7 @@ class SweepCurve:
     seconds: float = 0.0
     triggered_means: list[float] | None = None  # per-channel mean activation on triggered inputs
     extra: dict = field(default_factory=dict)
+    criterion: str = "activation"  # what ordered the channels ("activation": the paper's ranking)
 
     @property
     def num_channels(self) -> int:
@@ -87,6 +92,24 @@ class SweepCurve:
 
     def fractions(self) -> list[float]:
         return [k / self.num_channels for k in range(self.num_channels + 1)]
+
+
+def check_order(order, num_channels: int) -> torch.Tensor:
+    """`order` as a long tensor after checking it is a permutation of range(num_channels)."""
+    try:
+        vals = [int(c) for c in order]
+        if any(v != c for v, c in zip(vals, order)):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise ValueError("order must be a sequence of integer channel indices") from None
+    if sorted(vals) != list(range(num_channels)):
+        raise ValueError(f"order must be a permutation of the layer's {num_channels} channels "
+                         f"(0..{num_channels - 1}, each once); got {len(vals)} entries")
+    return torch.tensor(vals, dtype=torch.long)
+
+
+def _criterion(order, criterion: str | None) -> str:
+    return criterion or ("activation" if order is None else "custom")
 
 
 def _channel_sums(h: torch.Tensor) -> torch.Tensor:
@@ -134,12 +157,13 @@ class _Front:
             self.bar.update(j - i)
 
     @torch.inference_mode()
-    def shapes(self, x: torch.Tensor) -> tuple[int, list[tuple[torch.Size, torch.dtype]]]:
-        """Positions per channel of h, and the per-sample shape and dtype of each cached value."""
+    def shapes(self, x: torch.Tensor) -> tuple[int, int, list[tuple[torch.Size, torch.dtype]]]:
+        """Channels and positions per channel of h, and the per-sample shape and dtype of each
+        cached value."""
         boundary = self.cut.pre(x[:1].to(self.device))
         vals = [self.plan.prefix(boundary[0]), *boundary[1:]]
         h = boundary[0]
-        return h[0].numel() // h.shape[1], [(v.shape[1:], v.dtype) for v in vals]
+        return h.shape[1], h[0].numel() // h.shape[1], [(v.shape[1:], v.dtype) for v in vals]
 
 
 def _alloc(shapes: list[tuple[torch.Size, torch.dtype]], n: int, device: torch.device) -> list[torch.Tensor]:
@@ -237,6 +261,8 @@ def cached_sweep(
     fast: bool = True,
     checkpoint_path: str | os.PathLike[str] | None = None,
     resume: bool = False,
+    order: list[int] | None = None,
+    criterion: str | None = None,
 ) -> SweepCurve:
     """Sweep k = 0..C with the front of the network run once (see module docstring).
 
@@ -245,7 +271,11 @@ def cached_sweep(
     `fast=False` disables the incremental frontier path (for comparisons).
     `checkpoint_path`: when samples must be streamed (they do not fit `max_cache_mb`), progress is
     saved there after the ranking pass and after each streamed group; with `resume`, a sweep
-    killed mid-way goes on from it and gives the same curve (see `_SweepCheckpoint`)."""
+    killed mid-way goes on from it and gives the same curve (see `_SweepCheckpoint`).
+    `order`: an explicit pruning order (a permutation of the layer's channels, first = pruned
+    first) replacing the activation ranking, e.g. from `criteria.channel_order`; the channel means
+    are still measured and reported. `criterion` names it in the curve (default "activation"
+    without `order`, "custom" with one)."""
     t0 = time.perf_counter()
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -260,19 +290,22 @@ def cached_sweep(
         progress = as_progress(progress)
         bar = progress.bar(total, "cache features", unit="img", leave=False)
         front = _Front(cut, plan, batch_size, device, bar)
-        positions, shapes = front.shapes(x_clean)
+        channels, positions, shapes = front.shapes(x_clean)
+        given = None if order is None else check_order(order, channels)
         per_sample = _nbytes([torch.empty(s, dtype=t) for s, t in shapes])
         limit = None if max_cache_mb is None else max_cache_mb * 2**20
         budget = max(1, int(budget_mb * 2**20 / 4))
         ckpt = None
         if checkpoint_path is not None:
-            ckpt = _SweepCheckpoint(checkpoint_path, _sweep_key(
-                model, layer, sets, {"batch_size": batch_size, "max_cache_mb": max_cache_mb, "fast": fast}))
+            settings = {"batch_size": batch_size, "max_cache_mb": max_cache_mb, "fast": fast}
+            if given is not None:  # absent by default: the key of an activation sweep is unchanged
+                settings["order"] = given.tolist()
+            ckpt = _SweepCheckpoint(checkpoint_path, _sweep_key(model, layer, sets, settings))
         state = ckpt.load() if ckpt is not None and resume and ckpt.path.is_file() else None
         if state is None:
             _first_pass(sets, front, shapes, per_sample, limit)
             means = (torch.stack(sets[0].sums).sum(0) / (sets[0].x.shape[0] * positions)).cpu()
-            order = torch.sort(means, stable=True).indices
+            order = torch.sort(means, stable=True).indices if given is None else given
         else:
             means, order = state["means"], state["order"]
         bar.close()
@@ -318,6 +351,7 @@ def cached_sweep(
         asr_hits=asr_hits, robust_hits=robust_hits,
         num_triggered=0 if triggered is None else len(triggered), mode="cached",
         seconds=time.perf_counter() - t0, triggered_means=trig_means, extra=extra,
+        criterion=_criterion(given, criterion),
     )
 
 
@@ -360,18 +394,23 @@ def full_sweep(
     batch_size: int = 256,
     device: torch.device | None = None,
     progress: bool | Progress = False,
+    order: list[int] | None = None,
+    criterion: str | None = None,
 ) -> SweepCurve:
-    """The usual protocol: for each k, mask and run the whole network. Slow but always works."""
+    """The usual protocol: for each k, mask and run the whole network. Slow but always works.
+    `order` / `criterion`: an explicit pruning order and its name, as in `cached_sweep`."""
     from ..evaluation.metrics import predict
 
     t0 = time.perf_counter()
     device = device or next(model.parameters()).device
     means = layer_means(model, layer, x_clean, batch_size, device)
+    given = None if order is None else check_order(order, means.numel())
     trig_means = (
         layer_means(model, layer, triggered.x, batch_size, device).tolist()
         if triggered is not None else None
     )
-    order = torch.sort(means, stable=True).indices
+    curve_criterion = _criterion(order, criterion)
+    order = torch.sort(means, stable=True).indices if given is None else given
     c = order.numel()
     clean_correct, asr_hits, robust_hits = [], [], []
     try:
@@ -390,7 +429,7 @@ def full_sweep(
         asr_hits=asr_hits if triggered is not None else None,
         robust_hits=robust_hits if triggered is not None else None,
         num_triggered=0 if triggered is None else len(triggered), mode="full",
-        seconds=time.perf_counter() - t0, triggered_means=trig_means,
+        seconds=time.perf_counter() - t0, triggered_means=trig_means, criterion=curve_criterion,
     )
 
 
@@ -399,11 +438,13 @@ def sweep(
     triggered: "TriggeredSet | None" = None, *, mode: str = "auto", batch_size: int = 256,
     device: torch.device | None = None, progress: bool | Progress = False, budget_mb: float = 256.0,
     max_cache_mb: float | None = None, checkpoint_path: str | os.PathLike[str] | None = None,
-    resume: bool = False,
+    resume: bool = False, order: list[int] | None = None, criterion: str | None = None,
 ) -> SweepCurve:
     """Cached sweep when the model can be cut at `layer`, else the full protocol (`mode="auto"`).
     `budget_mb`: working memory of batched head calls; `max_cache_mb`: bound on cached features;
-    `checkpoint_path` / `resume`: the streaming phase's checkpoint (see `cached_sweep`)."""
+    `checkpoint_path` / `resume`: the streaming phase's checkpoint (see `cached_sweep`);
+    `order` / `criterion`: an explicit pruning order replacing the activation ranking, and its
+    name (see `cached_sweep` and `criteria.channel_order`)."""
     if mode not in ("auto", "cached", "full"):
         raise ValueError(f"sweep mode must be auto, cached or full, not {mode!r}")
     if mode in ("auto", "cached"):
@@ -416,6 +457,7 @@ def sweep(
         else:
             return cached_sweep(model, layer, x_clean, y_clean, triggered, batch_size=batch_size,
                                 device=device, budget_mb=budget_mb, max_cache_mb=max_cache_mb,
-                                progress=progress, cut=cut, checkpoint_path=checkpoint_path, resume=resume)
+                                progress=progress, cut=cut, checkpoint_path=checkpoint_path, resume=resume,
+                                order=order, criterion=criterion)
     return full_sweep(model, layer, x_clean, y_clean, triggered, batch_size=batch_size,
-                      device=device, progress=progress)
+                      device=device, progress=progress, order=order, criterion=criterion)

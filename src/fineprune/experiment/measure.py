@@ -14,10 +14,14 @@ from .vocabulary import DEFENSES
 
 
 def defend_one(setup: TaskSetup, attack_name: str, model: nn.Module, info: dict, defense: str,
-               threshold: float) -> tuple[dict, DefenseResult | None]:
+               threshold: float, recipe: str = "plain", criterion: str = "activation",
+               stop_rule: str = "paper") -> tuple[dict, DefenseResult | None]:
     """Run `defense` (a noun of `DEFENSES`) on `model` with the defender's clean data; measure it
     on the test split. Returns the results row (task, attack, defense, clean_acc, asr, robust_acc,
-    pruned_fraction, seconds, ...) and the defense's result (None for "none")."""
+    pruned_fraction, seconds, ...) and the defense's result (None for "none"). `recipe`: the
+    fine-tuning recipe (`fineprune.recipes`), recorded in the row unless it is the paper's "plain";
+    `criterion` (`defense.criteria`) and `stop_rule` (`defense.stop_rule`) likewise, unless they are
+    the paper's "activation" and "paper" (so rows with the defaults are as they always were)."""
     if defense not in DEFENSES:
         raise ValueError(f"defense must be one of {', '.join(DEFENSES)}, not {defense!r}")
     # Fine-tuning's dropout draws from the global RNG: seed it here, so a row does not depend on
@@ -27,7 +31,8 @@ def defend_one(setup: TaskSetup, attack_name: str, model: nn.Module, info: dict,
     method = DEFENSES[defense]
     res = None if method is None else defend(
         model, setup.defender_train, setup.defender_val, method, triggered=setup.trig_val,
-        threshold=threshold, finetune=setup.ft_cfg, run=RunOptions(device=setup.device, seed=setup.seed))
+        threshold=threshold, finetune=setup.ft_cfg, recipe=recipe,
+        criterion=criterion, stop_rule=stop_rule, run=RunOptions(device=setup.device, seed=setup.seed))
     for warning in [] if res is None else res.warnings:  # logged; the row keeps its fields
         as_progress(setup.progress).log(f"  {setup.task.name} {attack_name} {defense}: warning: {warning}")
     m = evaluate(model if res is None else res.model, setup.data.test, setup.trig_test, setup.device)
@@ -39,6 +44,14 @@ def defend_one(setup: TaskSetup, attack_name: str, model: nn.Module, info: dict,
     elif res.sweep is not None:
         row["stop_k"] = res.stop_k
         row["num_channels"] = res.num_channels
+        if criterion != "activation":
+            row["criterion"] = criterion
+        if stop_rule != "paper":
+            row["stop_rule"] = stop_rule
     if res is not None and res.finetune is not None:
         row["best_epoch"] = res.finetune.best_epoch
+        if res.finetune.attempts:  # the guard retried gentler: the learning rate kept
+            row["finetune_lr"] = res.finetune.lr if res.finetune.best_epoch else None
+        if recipe != "plain":
+            row["recipe"] = recipe
     return row, res

@@ -49,6 +49,9 @@ class ReproduceConfig:
     subsample: float = 1.0  # < 1 shrinks every split (tests, quick looks); recorded in results
     epochs: int | None = None  # override the task's attacker epochs (tests)
     finetune_epochs: int | None = None
+    recipe: str = "plain"  # the defender's fine-tuning recipe (fineprune.recipes; "plain": the paper's)
+    criterion: str = "activation"  # the defender's pruning order (fineprune.defense.criteria; the paper's)
+    stop_rule: str = "paper"  # the defender's stop rule (fineprune.defense.stop_rule; "paper": the paper's)
     device: str | None = None
     progress: bool | Progress = True  # where the run's lines and bars go (True: stderr)
     timings: bool = True  # False: `seconds` fields are null, so two runs' results.json are byte-identical
@@ -114,7 +117,8 @@ def run_task(task: TaskSpec, cfg: ReproduceConfig, store: ModelStore
     rows, curves = [], {}
     for attack_name, (model, info) in models.items():
         for defense in cfg.defenses:
-            row, res = defend_one(setup, attack_name, model, info, defense, cfg.threshold)
+            row, res = defend_one(setup, attack_name, model, info, defense, cfg.threshold, cfg.recipe,
+                                  cfg.criterion, cfg.stop_rule)
             if res is not None and res.sweep is not None and defense == "pruning":
                 curves[(task.name, attack_name)] = res
             rows.append(row)

@@ -14,10 +14,14 @@ from ..defense.stop_rule import DEFAULT_THRESHOLD
 #: The models an experiment trains: the clean twin, BadNets, and the pruning-aware attack.
 ATTACKS = ("none", "badnets", "pruning-aware")
 
+#: BadNets triggers an experiment can plant: the task's own (sunglasses, tone, sticker, patch), or
+#: "blend": a fixed random pattern alpha-blended over the whole input (Chen et al. 2017), see setup.
+TRIGGERS = ("task", "blend")
+
 #: Defense noun -> the `defend()` method it runs (None: no defense), in the order tables show them.
 DEFENSES: dict[str, str | None] = {"none": None, "fine-tuning": "fine-tune", "pruning": "prune",
                                    "fine-pruning": "fine-prune"}
 
 assert set(DEFENSES.values()) - {None} == set(METHODS), "every defend() method has one noun"
 
-__all__ = ["ATTACKS", "DEFAULT_THRESHOLD", "DEFENSES"]
+__all__ = ["ATTACKS", "DEFAULT_THRESHOLD", "DEFENSES", "TRIGGERS"]

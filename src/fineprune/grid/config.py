@@ -16,13 +16,21 @@ axes:                            # a list sweeps the axis; a single value fixes 
   seed: [0, 1, 2]
   subsample: 0.2
   epochs: 2
+  recipe: [plain, augment]       # fine-tuning recipe (fineprune.recipes): plain (the paper's), augment, ft-sam, fst
+  criterion: [activation, clp]   # pruning order (fineprune.defense.criteria): activation (the paper's), clp, anp
+  stop_rule: paper               # paper, or bound (counts a 95% bound on the validation accuracy)
 exclude:                         # optional: drop the cells matching all keys of an entry
   - {attack: pruning-aware, threshold: 1}
 ```
 
 Axes that do not matter for a cell are collapsed to null, so the product holds no duplicate
 experiments: a clean model (attack "none") has no poison_rate / attack_threshold, defenses
-"none" and "fine-tuning" have no threshold, "none" and "pruning" have no finetune_epochs.
+"none" and "fine-tuning" have no threshold, criterion or stop_rule, "none" and "pruning" have no
+finetune_epochs or recipe.
+
+Cell ids are fingerprints of the params. The recipe, criterion and stop_rule axes came later: a
+cell with the paper's value ("plain", "activation", "paper") or none leaves that axis out of its
+fingerprint, so grids written before keep their ids.
 """
 from __future__ import annotations
 
@@ -35,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInputError
-from ..experiment.vocabulary import ATTACKS, DEFAULT_THRESHOLD, DEFENSES
+from ..experiment.vocabulary import ATTACKS, DEFAULT_THRESHOLD, DEFENSES, TRIGGERS
 from ..runtime import fingerprint
 from ..tasks import DEFAULT_DATA_ROOT
 
@@ -44,6 +52,7 @@ AXES: dict[str, Any] = {
     "task": None,  # required
     "attack": "badnets",
     "poison_rate": None,  # None: the task's own rate
+    "trigger": "task",  # the BadNets trigger: the task's own, or "blend" (experiment.vocabulary.TRIGGERS)
     "attack_threshold": DEFAULT_THRESHOLD,  # the pruning-aware attacker's stop rule; "same": the defense's threshold
     "defense": "fine-pruning",
     "threshold": DEFAULT_THRESHOLD,  # the defender's stop rule, accuracy points
@@ -51,11 +60,17 @@ AXES: dict[str, Any] = {
     "subsample": 1.0,
     "epochs": None,  # None: the task's attacker epochs
     "finetune_epochs": None,  # None: the task's (or the default) fine-tuning epochs
+    "recipe": "plain",  # the fine-tuning recipe, a name of fineprune.recipes.RECIPES
+    "criterion": "activation",  # the pruning order, a name of fineprune.defense.criteria.CRITERIA
+    "stop_rule": "paper",  # a name of fineprune.defense.stop_rule.STOP_RULES
     "defender_val_fraction": 0.3,
     "attacker_val_fraction": 0.2,  # held out of the training split: every attacker model trains on the rest
 }
+# Axes added after the first grids, with the paper's value: a cell leaves them out of its id
+# (and its label) where they hold that value or are collapsed to None.
+LATER_AXES = {"recipe": "plain", "criterion": "activation", "stop_rule": "paper", "trigger": "task"}
 # The axes that pick the trained model (the rest only change the defense / measurement).
-MODEL_AXES = ("task", "attack", "poison_rate", "attack_threshold", "seed", "subsample", "epochs",
+MODEL_AXES = ("task", "attack", "poison_rate", "trigger", "attack_threshold", "seed", "subsample", "epochs",
               "attacker_val_fraction")
 SETTINGS = ("out", "data_root", "resources", "train_resources", "retries", "plugins", "axes", "exclude",
             "device", "name")
@@ -93,6 +108,9 @@ class Cell:
             bits.append(f"t={_num(p['threshold'])}")
         if p["poison_rate"] is not None:
             bits.append(f"rate={_num(p['poison_rate'])}")
+        for axis, paper in LATER_AXES.items():
+            if p.get(axis) not in (None, paper):
+                bits.append(f"{axis}={p[axis]}")
         bits.append(f"seed={p['seed']}")
         return " ".join(bits)
 
@@ -107,7 +125,7 @@ def model_params(params: dict) -> dict:
 
 def model_key(params: dict) -> str:
     """Identity of the model a cell defends (cells with the same key share one trained model)."""
-    p = model_params(params)
+    p = _without_paper_values(model_params(params))
     return f"{p['task']}-{'clean' if p['attack'] == 'none' else p['attack']}-{fingerprint(p, 10)}"
 
 
@@ -115,7 +133,7 @@ def clean_params(params: dict) -> dict:
     """The model params of the clean model a pruning-aware model starts from."""
     # attacker_val_fraction stays: the clean model trains on the same training data (the split
     # minus the attacker's hold-out) as the pruning-aware model built from it.
-    return {**model_params(params), "attack": "none", "poison_rate": None, "attack_threshold": None}
+    return {**model_params(params), "attack": "none", "poison_rate": None, "trigger": None, "attack_threshold": None}
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -280,6 +298,28 @@ def _check(name: str, v: Any) -> Any:
         if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "epochs" else 0):
             raise fail(f"expected a whole number >= {1 if name == 'epochs' else 0} (or null)")
         return v
+    if name == "trigger":
+        if v not in TRIGGERS:
+            raise fail(f"expected one of {', '.join(TRIGGERS)}")
+        return v
+    if name == "recipe":
+        from ..recipes import RECIPES
+
+        if not isinstance(v, str) or v not in RECIPES:
+            raise fail(f"expected one of {', '.join(RECIPES)}")
+        return v
+    if name == "criterion":
+        from ..defense.criteria import CRITERIA
+
+        if not isinstance(v, str) or v not in CRITERIA:
+            raise fail(f"expected one of {', '.join(CRITERIA)}")
+        return v
+    if name == "stop_rule":
+        from ..defense.stop_rule import STOP_RULES
+
+        if not isinstance(v, str) or v not in STOP_RULES:
+            raise fail(f"expected one of {', '.join(STOP_RULES)}")
+        return v
     if name in ("defender_val_fraction", "attacker_val_fraction"):
         f = number(0.0, 1.0, lo_open=True)
         if f >= 1.0:
@@ -297,10 +337,14 @@ def normalise(params: dict) -> dict:
         p["attack_threshold"] = None  # (attacker_val_fraction stays: every attacker model trains without its hold-out)
     if p["attack"] == "none":
         p["poison_rate"] = None
+        p["trigger"] = None
     if p["defense"] in ("none", "fine-tuning"):
         p["threshold"] = None
+        p["criterion"] = None
+        p["stop_rule"] = None
     if p["defense"] in ("none", "pruning"):
         p["finetune_epochs"] = None
+        p["recipe"] = None
     if p["defense"] == "none":
         p["defender_val_fraction"] = None
     return p
@@ -317,7 +361,15 @@ def _matches(params: dict, rule: dict) -> bool:
 
 
 def cell_id(params: dict) -> str:
-    return f"{params['task']}.{params['attack']}.{params['defense']}.{fingerprint(params, 12)}"
+    # The recipe, criterion and stop_rule axes came after the first grids: each left out of the
+    # fingerprint where it is the paper's value (or collapsed to None), a cell keeps the id it had
+    # before the axes existed.
+    return f"{params['task']}.{params['attack']}.{params['defense']}.{fingerprint(_without_paper_values(params), 12)}"
+
+
+def _without_paper_values(params: dict) -> dict:
+    """`params` less the later axes that hold the paper's value (or None): the ids they had before."""
+    return {k: v for k, v in params.items() if not (k in LATER_AXES and v in (None, LATER_AXES[k]))}
 
 
 def expand(cfg: GridConfig) -> list[Cell]:

@@ -83,6 +83,9 @@ def _stats(values: list[float]) -> dict:
 
 
 GROUP_AXES = tuple(a for a in AXES if a != "seed")
+# The defense's own axes: one panel of the threshold figure draws a line per value of these.
+_LINE_AXES = ("defense", "threshold", "finetune_epochs", "recipe", "criterion", "stop_rule",
+              "defender_val_fraction")
 
 
 def summarize(cells: list[Cell], latest: dict[str, dict]) -> dict:
@@ -170,8 +173,7 @@ def threshold_figure(summary: dict):
     for g in summary["groups"]:
         if g["n"] == 0:
             continue
-        other = {a: g[a] for a in GROUP_AXES if a not in ("defense", "threshold", "finetune_epochs",
-                                                            "defender_val_fraction")}
+        other = {a: g[a] for a in GROUP_AXES if a not in _LINE_AXES}
         key = json.dumps(other, sort_keys=True, default=str)
         panels.setdefault(key, []).append(g)
     n = max(1, len(panels))
@@ -190,7 +192,7 @@ def threshold_figure(summary: dict):
         span = (min(thresholds), max(thresholds)) if thresholds else (0.0, 10.0)
         by_line: dict[tuple, list[dict]] = {}
         for g in gs:
-            variant = tuple((a, g[a]) for a in ("finetune_epochs", "defender_val_fraction")
+            variant = tuple((a, g[a]) for a in _LINE_AXES[2:]
                             if len({json.dumps(x[a]) for x in gs if x["defense"] == g["defense"]}) > 1)
             by_line.setdefault((g["defense"], variant), []).append(g)
         for (defense, variant), pts in by_line.items():

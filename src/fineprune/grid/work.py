@@ -42,7 +42,7 @@ def _setup(params: dict, data_root: str, device: str | None):
         finetune_epochs=params.get("finetune_epochs"),
         defender_val_fraction=_or(params.get("defender_val_fraction"), 0.3),
         attacker_val_fraction=_or(params.get("attacker_val_fraction"), 0.2),
-        device=device, progress=False)
+        device=device, progress=False, trigger=params.get("trigger") or "task")
 
 
 def _where() -> dict:
@@ -91,7 +91,10 @@ def run_cell(cell: dict, model: dict) -> dict:
     net = load_pruned(setup.fresh(), model["path"])
     # defend_one seeds its own draws: the same cell gives the same numbers in any worker.
     threshold = _or(params["threshold"], DEFAULT_THRESHOLD)
-    row, _ = defend_one(setup, params["attack"], net, model.get("info", {}), params["defense"], threshold)
+    row, _ = defend_one(setup, params["attack"], net, model.get("info", {}), params["defense"], threshold,
+                        recipe=params.get("recipe") or "plain",
+                        criterion=params.get("criterion") or "activation",
+                        stop_rule=params.get("stop_rule") or "paper")
     for k in ("task", "attack", "defense"):
         row.pop(k, None)
     row["cell_seconds"] = round(time.perf_counter() - t0, 3)

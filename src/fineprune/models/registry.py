@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ..io.arch import register_arch
 from .face import DeepIDFace
+from .resnet_cifar import CifarResNet, resnet20
 from .small import SmallCNN
 from .speech import SpeechAlexNet
 from .traffic import TrafficVGG
@@ -34,6 +35,12 @@ def speech_alexnet(num_classes: int = 10, in_channels: int = 1) -> SpeechAlexNet
 def traffic_vgg(num_classes: int = 43, in_channels: int = 3) -> TrafficVGG:
     """Small VGG-style CNN for 32x32 traffic signs."""
     return TrafficVGG(num_classes=num_classes, in_channels=in_channels)
+
+
+@register_arch("traffic-resnet20")
+def traffic_resnet20(num_classes: int = 43, in_channels: int = 3) -> CifarResNet:
+    """CIFAR-style ResNet-20 (BatchNorm, option-A shortcuts) for 32x32 traffic signs (prunes `layer3`)."""
+    return resnet20(num_classes=num_classes, in_channels=in_channels)
 
 
 @register_arch("demo-cnn")

@@ -145,6 +145,13 @@ def defend_files(job: DefendJob, *, progress: bool | Progress = False) -> Defend
     warnings = accuracy_warnings(acc0, y_val, job.threshold)
     if job.method == "fine-tune" and job.layer:
         warnings.append("--layer is ignored by --method fine-tune (nothing is pruned)")
+    if job.method == "prune" and job.recipe != "plain":
+        warnings.append(f"--recipe {job.recipe} is ignored by --method prune (nothing is fine-tuned)")
+    if job.method == "fine-tune":
+        if job.criterion != "activation":
+            warnings.append(f"--criterion {job.criterion} is ignored by --method fine-tune (nothing is pruned)")
+        if job.stop_rule != "paper":
+            warnings.append(f"--stop-rule {job.stop_rule} is ignored by --method fine-tune (nothing is pruned)")
     for w in warnings:
         say(f"warning: {w}")
     say(f"    clean accuracy before the defense: {100 * acc0:.1f}% on {len(y_val)} validation samples")
@@ -157,7 +164,8 @@ def defend_files(job: DefendJob, *, progress: bool | Progress = False) -> Defend
                          sweep_checkpoint_path=None if job.method == "fine-tune"
                          else Path(job.out).expanduser() / SWEEP_CHECKPOINT_NAME)
     result = defend(model, train_ds, val_ds, job.method, triggered=triggered, layer=job.layer,
-                    threshold=job.threshold, finetune=job.finetune_config(), run=options)
+                    threshold=job.threshold, finetune=job.finetune_config(), recipe=job.recipe,
+                    criterion=job.criterion, stop_rule=job.stop_rule, run=options)
     timings.update(result.timings)
     timings["defense"] = result.seconds
     for w in result.warnings:

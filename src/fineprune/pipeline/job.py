@@ -11,10 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..defense.api import DEFAULT_FINETUNE, METHODS
-from ..defense.stop_rule import DEFAULT_THRESHOLD, check_threshold
+from ..defense.criteria import CRITERIA
+from ..defense.stop_rule import DEFAULT_THRESHOLD, STOP_RULES, check_threshold
 from ..errors import BadInputError
+from ..recipes import RECIPES
 from ..training import TrainConfig
 from .inputs import task_ref
+
+# Options added after the first runs: spelled out in command lines only when not the paper's.
+_PAPER_DEFAULTS = {"recipe": "plain", "criterion": "activation", "stop_rule": "paper"}
 
 
 @dataclass
@@ -51,6 +56,9 @@ class DefendJob:
     lr: float | None = None
     batch_size: int | None = None
     optimizer: str | None = None
+    recipe: str = "plain"  # the fine-tuning recipe, a name of fineprune.recipes.RECIPES
+    criterion: str = "activation"  # the pruning order, a name of fineprune.defense.criteria.CRITERIA
+    stop_rule: str = "paper"  # a name of fineprune.defense.stop_rule.STOP_RULES
     seed: int = 0
     device: str | None = None
     force: bool = False
@@ -103,6 +111,12 @@ class DefendJob:
             raise BadInputError(f"`batch_size` must be >= 1, got {self.batch_size}")
         if self.optimizer is not None and self.optimizer not in ("sgd", "adam"):
             raise BadInputError(f"`optimizer` must be sgd or adam, not {self.optimizer!r}")
+        if not isinstance(self.recipe, str) or self.recipe not in RECIPES:
+            raise BadInputError(f"`recipe` must be one of {', '.join(RECIPES)}, not {self.recipe!r}")
+        if not isinstance(self.criterion, str) or self.criterion not in CRITERIA:
+            raise BadInputError(f"`criterion` must be one of {', '.join(CRITERIA)}, not {self.criterion!r}")
+        if not isinstance(self.stop_rule, str) or self.stop_rule not in STOP_RULES:
+            raise BadInputError(f"`stop_rule` must be one of {', '.join(STOP_RULES)}, not {self.stop_rule!r}")
         return self
 
     def _check_normalisation(self) -> None:
@@ -133,11 +147,15 @@ class DefendJob:
         return dataclasses.replace(base, **overrides)
 
     def command_line(self) -> str:
-        """An equivalent `fineprune defend` command (every effective option spelled out)."""
+        """An equivalent `fineprune defend` command (every effective option spelled out; the
+        recipe, criterion and stop rule only when they are not the paper's, so earlier runs'
+        command lines stay as they were)."""
         args = ["fineprune", "defend"]
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             flag = "--" + f.name.replace("_", "-")
+            if f.name in _PAPER_DEFAULTS and value == _PAPER_DEFAULTS[f.name]:
+                continue
             if f.name == "compact":
                 if not value:
                     args.append("--no-compact")

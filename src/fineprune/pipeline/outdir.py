@@ -20,7 +20,8 @@ OUTPUT_FILES = ("model.safetensors", "model.json", "metrics.json", "sweep.csv", 
 
 def is_checkpoint_file(p: Path) -> bool:
     """A checkpoint, or a temporary file of one that a kill interrupted mid-write."""
-    return p.name in _CHECKPOINTS or (p.name.endswith(".tmp") and any(p.name.startswith("." + c) for c in _CHECKPOINTS))
+    return (p.name in _CHECKPOINTS or p.name.startswith(CHECKPOINT_NAME + ".retry")  # a gentler fine-tuning's
+            or (p.name.endswith(".tmp") and any(p.name.startswith("." + c) for c in _CHECKPOINTS)))
 
 
 def check_out_dir(path: str | os.PathLike[str], force: bool, resume: bool = True) -> Path:

@@ -11,6 +11,7 @@ from ..defense.bake import BakeResult, TraceResult
 from ..defense.compact import CompactResult
 from ..defense.sweep import SweepCurve
 from ..evaluation.metrics import Metrics
+from ..recipes import get_recipe
 from .job import DefendJob
 
 #: The masked model as TorchScript, written when model.safetensors cannot carry the pruning in
@@ -116,10 +117,13 @@ def model_json(run: RunRecord) -> dict:
         "sweep": None if r.sweep is None else {
             "mode": r.sweep.mode, "stop_k": r.stop_k, "seconds": round(r.sweep.seconds, 3),
             **{k: r.sweep.extra[k] for k in ("streamed_samples", "cache_mb") if k in r.sweep.extra},
-            "max_cache_mb": job.max_cache_mb},
+            "max_cache_mb": job.max_cache_mb, "criterion": job.criterion, "stop_rule": job.stop_rule},
         "finetune": None if hist is None else {
             "config": job.finetune_config().to_dict(),
+            "recipe": get_recipe(job.recipe).options(),
             "best_epoch": hist.best_epoch,
+            "lr": hist.lr if hist.best_epoch else None,  # the rate kept (the guard may retry gentler)
+            "discarded": hist.attempts,  # runs the accuracy guard discarded: lr, best_val_acc, diverged
             "epochs": [vars(e) for e in hist.epochs]},
         "compact": None if run.compact is None else run.compact.to_dict(),
         "plain_load_is_defended": run.plain_load_is_defended,

@@ -37,6 +37,20 @@ def _verdict(run: RunRecord) -> str:
     return f"{what} Attack success rate {_pct(b.asr)} → {_pct(a.asr)}; {ca}." + caveat
 
 
+_CRITERION_WORDS = {
+    "activation": "activation (the paper's): increasing mean activation on clean data",
+    "clp": "clp: decreasing channel Lipschitz bound, from the weights alone",
+    "anp": "anp: increasing adversarial neuron perturbation mask, learned on clean data",
+}
+
+
+def _stop_rule_words(rule: str, threshold: float) -> str:
+    words = f"{rule}: stay within {threshold:g} points of the starting validation accuracy"
+    if rule == "bound":
+        words += ", counting a one-sided 95% bound on the pruned model's"
+    return words
+
+
 def _summary(run: RunRecord) -> list[tuple[str, str]]:
     r, job = run.result, run.job
     rows = [
@@ -48,11 +62,13 @@ def _summary(run: RunRecord) -> list[tuple[str, str]]:
         rows += [("pruned layer", f"{r.layer} ({r.num_channels} channels)"),
                  ("pruned", f"{len(r.pruned_channels)} of {r.num_channels} channels "
                             f"({100 * r.pruned_fraction:.1f}%)"),
-                 ("stop rule", f"stay within {r.threshold:g} points of the starting validation accuracy")]
+                 ("pruning order", _CRITERION_WORDS.get(job.criterion, job.criterion)),
+                 ("stop rule", _stop_rule_words(job.stop_rule, r.threshold))]
     if r.finetune is not None:
         cfg = job.finetune_config()
+        recipe = "plain (the paper's)" if job.recipe == "plain" else job.recipe
         rows.append(("fine-tuning", f"{cfg.epochs} epochs, {cfg.optimizer}, lr {cfg.lr:g}, batch "
-                                    f"{cfg.batch_size}; kept epoch {r.finetune.best_epoch}"))
+                                    f"{cfg.batch_size}, recipe {recipe}; kept epoch {r.finetune.best_epoch}"))
     sp = run.split
     rows.append(("clean data", sp["description"]))
     if "triggered" in run.inputs:

@@ -110,7 +110,8 @@ def activation_figure(curve: SweepCurve, stop_k: int) -> Figure:
     handles += [Patch(color=PRUNED), Patch(color=KEPT)]
     labels += [f"pruned ({stop_k})", f"kept ({len(order) - stop_k})"]
     ax1.set_xlim(-0.5, len(order) - 0.5)
-    ax1.set_xlabel("channel, in pruning order (lowest clean activation first)")
+    ax1.set_xlabel("channel, in pruning order (" + ("lowest clean activation first" if curve.criterion == "activation"
+                                                    else f"{curve.criterion} criterion") + ")")
     ax1.set_ylabel("mean activation")
     ax1.set_title(f"Channels of {curve.layer}", fontsize=10)
     ax1.grid(alpha=0.3, axis="y")

@@ -64,7 +64,8 @@ def plot_channel_activity(res: DefenseResult, path: Path, title: str) -> None:
     k = res.stop_k
     if k is not None:
         ax.axvline(k - 0.5, color="#444", ls="--", lw=1, label=f"stop ({k} pruned)")
-    ax.set_xlabel("channel, in pruning order (increasing clean activation)")
+    ax.set_xlabel("channel, in pruning order (" + ("increasing clean activation" if curve.criterion == "activation"
+                                                   else f"{curve.criterion} criterion") + ")")
     ax.set_ylabel("mean activation")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)

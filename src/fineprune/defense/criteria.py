@@ -1,0 +1,279 @@
+"""Pruning criteria beside the paper's: other trigger-agnostic orders of one layer's channels.
+
+Each criterion returns the layer's channels in pruning order (most suspicious first); the order is
+then evaluated by the same exact sweep (`sweep(..., order=...)`) and the same stop rule as the
+paper's mean-activation ranking. None of them looks at triggered data.
+
+* `activation` -- Liu et al., "Fine-Pruning", RAID 2018: increasing mean activation on clean data.
+  The sweep computes it itself, so `channel_order` returns None for it.
+* `clp` -- Zheng et al., "Data-Free Backdoor Removal based on Channel Lipschitzness", ECCV 2022:
+  decreasing upper bound of each channel's Lipschitz constant, from the weights alone.
+* `anp` -- Wu & Wang, "Adversarial Neuron Pruning Purifies Backdoored Deep Models", NeurIPS 2021:
+  increasing value of a per-channel mask learned against adversarial channel perturbations on
+  clean data, restricted here to the pruned layer.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .layer import CHANNELWISE_TYPES, CONV_TYPES, trace_calls
+
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Channel-wise modules that change the values but not a channel's Lipschitz bound up to a
+# constant common to all channels: activations (1-Lipschitz or a fixed slope), dropout, pooling.
+_POOL_TYPES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+)
+# Normalisations whose scale comes from the data of each input: no per-channel weight to fold.
+_UNFOLDABLE = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm)
+
+
+def activation_order(model: nn.Module, layer: str, clean_x: torch.Tensor, *,
+                     batch_size: int = 256, device: torch.device | None = None) -> list[int]:
+    """The paper's ranking (Liu et al., RAID 2018): channels by increasing mean activation of
+    `layer`'s output on clean data, ties by index. This is what the sweep does when it is given
+    no order; provided for comparison and for callers that want the list itself."""
+    from .sweep import layer_means
+
+    means = layer_means(model, layer, clean_x, batch_size, device)
+    return torch.sort(means, stable=True).indices.tolist()
+
+
+def _producer(model: nn.Module, layer: str, example: torch.Tensor) -> tuple[str, nn.Module, list[tuple[str, nn.Module]]]:
+    """The conv whose output channels are `layer`'s, and the channel-wise leaf modules between its
+    output and `layer`'s (forward order). Checked by replaying that chain on the conv's output: a
+    residual sum (or anything else mixed in) makes it differ, and raises ValueError."""
+    calls = trace_calls(model, example)
+    counts: dict[str, int] = {}
+    for c in calls:
+        counts[c.name] = counts.get(c.name, 0) + 1
+    mine = [c for c in calls if c.name == layer]
+    if len(mine) != 1:
+        raise ValueError(f"CLP: module {layer!r} must run exactly once per forward pass (runs {len(mine)} times)")
+    target = mine[0].output
+    if not isinstance(target, torch.Tensor) or target.dim() < 3:
+        raise ValueError(f"CLP: {layer!r} does not output a (batch, channels, positions...) tensor")
+    leaves = {n for n, m in model.named_modules() if not list(m.children())}
+    idx = max((i for i, c in enumerate(calls) if c.name in leaves and c.output is target), default=None)
+    chain = []
+    while idx is not None:
+        call = calls[idx]
+        chain.append(call)
+        if isinstance(call.module, CONV_TYPES):
+            break
+        if not isinstance(call.module, CHANNELWISE_TYPES + _POOL_TYPES):
+            raise ValueError(  # noqa: TRY004
+                f"CLP: cannot find the conv producing {layer!r}'s channels: {call.name} "
+                f"({type(call.module).__name__}) is neither a conv nor channel-wise")
+        src = call.inputs[0] if call.inputs else None
+        idx = max((i for i, c in enumerate(calls[:idx]) if c.name in leaves and c.output is src), default=None)
+    if not chain or not isinstance(chain[-1].module, CONV_TYPES):
+        raise ValueError(
+            f"CLP: cannot find the conv producing {layer!r}'s channels (its output is not a conv's "
+            "followed only by channel-wise modules, e.g. a residual sum or a functional op); "
+            "choose a layer right after a conv (or conv + BatchNorm)")
+    chain.reverse()
+    for c in chain:
+        if counts[c.name] != 1:
+            raise ValueError(f"CLP: {c.name} runs {counts[c.name]} times per forward pass; cannot tell its channels")
+        if isinstance(c.module, _UNFOLDABLE):
+            raise ValueError(  # noqa: TRY004
+                f"CLP: {c.name} ({type(c.module).__name__}) normalises each input by its own "
+                "statistics; only BatchNorm (running statistics) can be folded into the conv")
+        if isinstance(c.module, _BN_TYPES) and c.module.running_var is None:
+            raise ValueError(f"CLP: {c.name} keeps no running statistics, so it cannot be folded into the conv")
+    conv_name, conv = chain[0].name, chain[0].module
+    if target.shape[1] != conv.out_channels:
+        raise ValueError(f"CLP: {layer!r} has {target.shape[1]} channels but {conv_name} outputs {conv.out_channels}")
+    _check_replay(model, example, layer, chain)
+    return conv_name, conv, [(c.name, c.module) for c in chain[1:]]
+
+
+@torch.no_grad()
+def _check_replay(model: nn.Module, example: torch.Tensor, layer: str, chain: list) -> None:
+    """Run the chain after the conv on a copy of its output and compare with `layer`'s output."""
+    seen: dict[str, torch.Tensor] = {}
+    conv = chain[0].module
+    handles = [
+        conv.register_forward_hook(lambda m, i, o: seen.__setitem__("conv", o.detach().clone())),
+        model.get_submodule(layer).register_forward_hook(
+            lambda m, i, o: seen.__setitem__("layer", o.detach().clone())),
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        try:
+            model(example)
+        finally:
+            for handle in handles:  # before the replay, which calls the layer's module again
+                handle.remove()
+        h = seen["conv"]
+        for c in chain[1:]:  # in eval mode too: BatchNorm must use (and not update) its statistics
+            h = c.module(h.clone())
+    finally:
+        model.train(was_training)
+    want = seen["layer"]
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    if h.shape != want.shape or not torch.allclose(h, want, rtol=1e-4, atol=1e-5 * max(scale, 1.0)):
+        raise ValueError(
+            f"CLP: {layer!r}'s output is not {chain[0].name}'s output passed through "
+            f"{[c.name for c in chain[1:]]} alone (a residual sum or another input is mixed in); "
+            "CLP needs a layer whose channels are one conv's (plus BatchNorm / activation)")
+
+
+def uclc(model: nn.Module, layer: str, example: torch.Tensor) -> torch.Tensor:
+    """Upper bound of each channel's Lipschitz constant (Zheng et al., ECCV 2022), float64.
+
+    For the conv producing `layer`'s channels, channel k's weight W_k (in_channels/groups, kernel)
+    is reshaped to (in_channels/groups, prod(kernel)), scaled by every following BatchNorm's
+    gamma_k / sqrt(running_var_k + eps) (folded, as in the paper), and its largest singular value
+    taken. Data-free: `example` only fixes the input shape (the model is traced on seeded noise
+    of that shape, to find the conv and check that nothing else, e.g. a residual, adds in).
+    """
+    gen = torch.Generator().manual_seed(0)
+    param = next(iter(model.parameters()), None)
+    dev = param.device if param is not None else example.device
+    dtype = example.dtype if example.is_floating_point() else torch.float32
+    noise = torch.rand(example[:2].shape, generator=gen, dtype=dtype).to(dev)
+    _, conv, after = _producer(model, layer, noise)
+    with torch.no_grad():
+        w = conv.weight.detach().double().cpu()
+        scale = torch.ones(w.shape[0], dtype=torch.float64)
+        for _, m in after:
+            if isinstance(m, _BN_TYPES):
+                gamma = m.weight.detach().double().cpu() if m.weight is not None else torch.ones_like(scale)
+                scale = scale * gamma / torch.sqrt(m.running_var.detach().double().cpu() + m.eps)
+        mats = w.reshape(w.shape[0], w.shape[1], -1)
+        return torch.linalg.matrix_norm(mats, ord=2) * scale.abs()
+
+
+def clp_order(model: nn.Module, layer: str, example: torch.Tensor) -> list[int]:
+    """CLP (Zheng et al., "Data-Free Backdoor Removal based on Channel Lipschitzness", ECCV 2022):
+    channels by decreasing UCLC (`uclc`), ties by index. A backdoor channel must amplify a small
+    trigger into a large response, hence a large Lipschitz constant. The paper prunes channels
+    above mean + u * std of the layer's UCLCs; here the order goes through the sweep and the stop
+    rule instead. Data-free: `example` only gives the input shape."""
+    return torch.sort(uclc(model, layer, example), descending=True, stable=True).indices.tolist()
+
+
+def anp_mask(
+    model: nn.Module, layer: str, clean_x: torch.Tensor, clean_y: torch.Tensor, *,
+    iterations: int = 200, batch_size: int = 64, eps: float = 0.4, steps: int = 1,
+    alpha: float = 0.2, lr: float = 0.2, momentum: float = 0.9, seed: int = 0,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """The per-channel mask of ANP (Wu & Wang, "Adversarial Neuron Pruning Purifies Backdoored
+    Deep Models", NeurIPS 2021), restricted to `layer`'s output channels.
+
+    `layer`'s output h becomes (m + delta) * h per channel (a forward hook on a deep copy of the
+    model in eval mode; the input model is not touched). Each iteration takes a mini-batch of the
+    clean data (seeded shuffling, epochs in turn), draws delta uniformly in [-eps, eps], takes
+    `steps` sign-gradient ascent steps of size eps / steps on the cross-entropy w.r.t. delta
+    (clipped to [-eps, eps]), then one SGD step (lr 0.2, momentum 0.9, as the paper's code) on
+    alpha * L(m) + (1 - alpha) * L(m + delta) w.r.t. m -- the paper's weighting: alpha on the
+    natural loss -- and clips m to [0, 1]. Returns m (float32, on the CPU). Deterministic for a
+    seed on the CPU."""
+    if clean_x.shape[0] == 0:
+        raise ValueError("ANP needs clean data")
+    device = device or next(model.parameters()).device
+    net = copy.deepcopy(model).to(device).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    module = net.get_submodule(layer)
+    gen = torch.Generator().manual_seed(seed)
+    state: dict = {}
+
+    def hook(m: nn.Module, i: tuple, out: torch.Tensor) -> torch.Tensor:
+        if "mask" not in state:  # first (shape-finding) call
+            state["channels"] = out.shape[1]
+            return out
+        factor = state["mask"] + state["delta"] if state["noisy"] else state["mask"]
+        return out * factor.view(1, -1, *([1] * (out.dim() - 2)))
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            net(clean_x[:1].to(device))
+        c = state["channels"]
+        mask = torch.ones(c, device=device, requires_grad=True)
+        delta = torch.zeros(c, device=device, requires_grad=True)
+        state.update(mask=mask, delta=delta, noisy=False)
+        opt = torch.optim.SGD([mask], lr=lr, momentum=momentum)
+        n = clean_x.shape[0]
+        perm, pos = torch.randperm(n, generator=gen), 0
+        for _ in range(iterations):
+            if pos >= n:
+                perm, pos = torch.randperm(n, generator=gen), 0
+            idx = perm[pos: pos + batch_size]
+            pos += batch_size
+            x, y = clean_x[idx].to(device), clean_y[idx].to(device)
+            # Step 1: the adversarial channel perturbation (maximise the loss).
+            if eps > 0:
+                with torch.no_grad():
+                    delta.copy_((torch.rand(c, generator=gen) * 2 - 1).mul_(eps).to(device))
+                state["noisy"] = True
+                for _ in range(steps):
+                    loss = F.cross_entropy(net(x), y)
+                    (grad,) = torch.autograd.grad(loss, delta)
+                    with torch.no_grad():
+                        delta.add_(grad.sign(), alpha=eps / steps).clamp_(-eps, eps)
+            # Step 2: the mask (minimise natural and perturbed loss).
+            opt.zero_grad(set_to_none=True)
+            state["noisy"] = False
+            loss = alpha * F.cross_entropy(net(x), y)
+            if eps > 0:
+                state["noisy"] = True
+                loss = loss + (1 - alpha) * F.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                mask.clamp_(0.0, 1.0)
+            state["noisy"] = False
+    finally:
+        handle.remove()
+    return mask.detach().float().cpu()
+
+
+def anp_order(model: nn.Module, layer: str, clean_x: torch.Tensor, clean_y: torch.Tensor, *,
+              seed: int = 0, device: torch.device | None = None, **options) -> list[int]:
+    """ANP (Wu & Wang, NeurIPS 2021): channels by increasing learned mask value (`anp_mask`), ties
+    by index. Channels whose small perturbation most raises the clean loss -- typical of backdoor
+    neurons -- get low masks and are pruned first. `options` go to `anp_mask`."""
+    m = anp_mask(model, layer, clean_x, clean_y, seed=seed, device=device, **options)
+    return torch.sort(m, stable=True).indices.tolist()
+
+
+Criterion = Callable[..., "list[int] | None"]
+
+
+def _activation(model, layer, clean_x, clean_y, *, device=None, seed=0):
+    return None  # the sweep ranks by mean activation itself
+
+
+def _clp(model, layer, clean_x, clean_y, *, device=None, seed=0):
+    return clp_order(model, layer, clean_x[:2])
+
+
+def _anp(model, layer, clean_x, clean_y, *, device=None, seed=0):
+    return anp_order(model, layer, clean_x, clean_y, seed=seed, device=device)
+
+
+CRITERIA: dict[str, Criterion] = {"activation": _activation, "clp": _clp, "anp": _anp}
+
+
+def channel_order(name: str, model: nn.Module, layer: str, clean_x: torch.Tensor,
+                  clean_y: torch.Tensor, *, device: torch.device | None = None,
+                  seed: int = 0) -> list[int] | None:
+    """The pruning order of `layer`'s channels by criterion `name` (see `CRITERIA`), to pass as
+    `sweep(..., order=..., criterion=name)`; None for "activation" (the sweep's own ranking).
+    `clean_x`, `clean_y`: the defender's clean validation data (CLP uses only its shape)."""
+    if name not in CRITERIA:
+        raise ValueError(f"unknown pruning criterion {name!r}; choose one of {', '.join(CRITERIA)}")
+    return CRITERIA[name](model, layer, clean_x, clean_y, device=device, seed=seed)

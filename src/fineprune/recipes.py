@@ -1,0 +1,229 @@
+"""Fine-tuning recipes for the defender's second stage, selectable by name (`get_recipe`).
+
+A recipe is the part of one training step that differs between fine-tuning methods; the loop in
+`fineprune.training` calls its hooks: `prepare(model, example, generator)` once before the first
+epoch, then per training batch `augment(x, generator)`, `loss(model, logits, y)` (inside the
+closure) and `step(model, opt, closure)`. Every recipe runs the model's ordinary forward, so the
+defense's channel masks (forward hooks, `defense.mask`) keep pruned channels exactly zero. Random
+draws come from the run's seeded generator only: same seed, same weights.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Closure = Callable[[], torch.Tensor]
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, flip: bool = False) -> torch.Tensor:
+    """Per-sample augmentation. Images (N, C, H, W): random crop of the zero-padded image
+    (pad = max(1, H // 8)), then a horizontal flip with probability 1/2 only when `flip`.
+    Audio (N, C, T): random time shift of up to T // 10 samples (zero-filled), then a random
+    gain in U[0.8, 1.2]. Random numbers are drawn on the CPU from `generator`."""
+    n, dev = x.shape[0], x.device
+    if x.dim() == 4:
+        h, w = x.shape[2], x.shape[3]
+        p = max(1, h // 8)
+        off = torch.randint(0, 2 * p + 1, (2, n), generator=generator).to(dev)
+        rows = (off[0][:, None] + torch.arange(h, device=dev))[:, None, :, None]
+        cols = (off[1][:, None] + torch.arange(w, device=dev))[:, None, None, :]
+        out = F.pad(x, (p, p, p, p))[torch.arange(n, device=dev)[:, None, None, None],
+                                     torch.arange(x.shape[1], device=dev)[None, :, None, None], rows, cols]
+        if flip:
+            mask = (torch.rand(n, generator=generator) < 0.5).to(dev)
+            out = torch.where(mask[:, None, None, None], out.flip(3), out)
+        return out
+    if x.dim() == 3:
+        t = x.shape[2]
+        m = t // 10
+        shift = torch.randint(-m, m + 1, (n,), generator=generator).to(dev)
+        idx = ((m - shift)[:, None] + torch.arange(t, device=dev))[:, None, :]
+        out = F.pad(x, (m, m))[torch.arange(n, device=dev)[:, None, None],
+                               torch.arange(x.shape[1], device=dev)[None, :, None], idx]
+        gain = (0.8 + 0.4 * torch.rand(n, generator=generator)).to(device=dev, dtype=x.dtype)
+        return out * gain[:, None, None]
+    raise ValueError(f"augmentation handles images (N, C, H, W) and audio (N, C, T), not shape {tuple(x.shape)}")
+
+
+@dataclass
+class Recipe:
+    """Base recipe = plain fine-tuning. `augmentation` turns on `augment_batch` for training
+    batches (`flip` allows horizontal flips: leave it off for text, digits and signs);
+    `label_smoothing` is passed to the cross-entropy."""
+
+    name: ClassVar[str] = "plain"
+    augmentation: bool = False
+    flip: bool = False
+    label_smoothing: float = 0.0
+
+    def options(self) -> dict:
+        """The recipe's name and options (for records and checkpoint keys)."""
+        return {"name": self.name, **{f.name: getattr(self, f.name) for f in fields(self) if f.init}}
+
+    def prepare(self, model: nn.Module, example: torch.Tensor, generator: torch.Generator) -> None:
+        """Called once before training (`example`: a training batch on the model's device)."""
+
+    def augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return augment_batch(x, generator, self.flip) if self.augmentation else x
+
+    def loss(self, model: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+
+    def step(self, model: nn.Module, opt: torch.optim.Optimizer, closure: Closure) -> torch.Tensor:
+        """Gradients are zero on entry; `closure` runs forward, loss and backward and returns the
+        loss. Returns the batch's training loss."""
+        loss = closure()
+        opt.step()
+        return loss
+
+
+@dataclass
+class Plain(Recipe):
+    """The paper's fine-tuning (Liu et al., "Fine-Pruning", RAID 2018): cross-entropy, one
+    backward, one optimizer step. Numerically identical to the training loop without a recipe."""
+
+    name: ClassVar[str] = "plain"
+
+
+@dataclass
+class Augment(Recipe):
+    """Plain fine-tuning on augmented batches (standard crop/flip augmentation, e.g. He et al.
+    CVPR 2016; time shift and gain for audio), see `augment_batch`. Flips only with `flip=True`."""
+
+    name: ClassVar[str] = "augment"
+    augmentation: bool = True
+
+
+@dataclass
+class FTSAM(Recipe):
+    """FT-SAM (Zhu et al., "Enhancing Fine-Tuning Based Backdoor Defense with Sharpness-Aware
+    Minimization", ICCV 2023): fine-tune with SAM (Foret et al., ICLR 2021). Per batch: gradient g
+    at w; move to w + e with e = rho * T^2 g / ||T g|| (adaptive SAM, ASAM, Kwon et al. ICML 2021:
+    T = |w|; plain SAM: T = 1); gradient at w + e (batch-norm running statistics frozen for that
+    pass); back to w; the base optimizer steps with the second gradient. Loss: cross-entropy with
+    label smoothing 0.1.
+
+    Defaults follow the FT-SAM reference configuration in BackdoorBench (config/defense/ft-sam,
+    CIFAR-10: rho 2.0, label smoothing 0.1; GTSRB uses rho 8.0): the method relies on a large,
+    scale-invariant (adaptive) perturbation to push the model out of the backdoor's sharp region;
+    rho = 2.0 is also ASAM's recommended CIFAR value. With `adaptive=False` use a SAM-sized rho
+    (Foret et al.: 0.05)."""
+
+    name: ClassVar[str] = "ft-sam"
+    label_smoothing: float = 0.1
+    rho: float = 2.0
+    adaptive: bool = True
+
+    def step(self, model: nn.Module, opt: torch.optim.Optimizer, closure: Closure) -> torch.Tensor:
+        loss = closure()
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        with torch.no_grad():
+            scaled = [(p.abs() * p.grad) if self.adaptive else p.grad for p in params]
+            norm = torch.norm(torch.stack([s.norm(2) for s in scaled]), 2) if scaled else torch.tensor(0.0)
+            scale = self.rho / (float(norm) + 1e-12)
+            eps = [(p.abs() * s if self.adaptive else s) * scale for p, s in zip(params, scaled)]
+            for p, e in zip(params, eps):
+                p.add_(e)
+        opt.zero_grad(set_to_none=True)
+        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+                 for m in bns]
+        for m in bns:
+            m.momentum = 0.0  # running stats stay as after the first pass
+        try:
+            closure()
+        finally:
+            for m, (mom, nbt) in zip(bns, saved):
+                m.momentum = mom
+                if nbt is not None:
+                    m.num_batches_tracked.copy_(nbt)
+            with torch.no_grad():
+                for p, e in zip(params, eps):
+                    p.sub_(e)
+        opt.step()
+        return loss
+
+
+def classifier_head(model: nn.Module, num_classes: int) -> nn.Linear:
+    """The last nn.Linear (in module order) with `num_classes` outputs."""
+    head = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and m.out_features == num_classes:
+            head = m
+    if head is None:
+        raise ValueError(f"no nn.Linear layer with {num_classes} outputs (the classifier head) in the model")
+    return head
+
+
+@dataclass
+class FST(Recipe):
+    """Feature Shift Tuning (Min et al., "Towards Stable Backdoor Purification through Feature
+    Shift Tuning", NeurIPS 2023). Before tuning, the classifier head (last nn.Linear with one
+    output per class) is re-initialised (U(-1/sqrt(fan_in), 1/sqrt(fan_in)), weight and bias, as
+    in the authors' code) and its weight rescaled to the original weight's Frobenius norm. Loss:
+    cross-entropy + alpha * <W, W_orig> (the head weight's inner product with the original one),
+    pushing the head, and so the features, away from the backdoored solution; after every step W
+    is rescaled back to the original norm. alpha = 0.2 is the default of the official
+    implementation (AISafety-HKUST/stable_backdoor_purification, fine_tune/fst.py)."""
+
+    name: ClassVar[str] = "fst"
+    alpha: float = 0.2
+    head: nn.Linear | None = field(default=None, init=False, repr=False, compare=False)
+    w_orig: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    norm: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def prepare(self, model: nn.Module, example: torch.Tensor, generator: torch.Generator) -> None:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            num_classes = model(example).shape[-1]
+        model.train(was_training)
+        head = classifier_head(model, num_classes)
+        w = head.weight
+        self.head, self.w_orig = head, w.detach().clone()
+        self.norm = self.w_orig.norm()
+        bound = 1.0 / math.sqrt(w.shape[1])
+        with torch.no_grad():
+            new = ((torch.rand(w.shape, generator=generator, dtype=w.dtype) * 2 - 1) * bound).to(w.device)
+            w.copy_(new * (self.norm / new.norm().clamp_min(1e-12)))
+            if head.bias is not None:
+                b = (torch.rand(head.bias.shape, generator=generator, dtype=w.dtype) * 2 - 1) * bound
+                head.bias.copy_(b.to(w.device))
+
+    def _ready(self) -> nn.Linear:
+        if self.head is None or self.w_orig is None:
+            raise RuntimeError("FST.prepare(model, ...) must run before training")
+        return self.head
+
+    def loss(self, model: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        head = self._ready()
+        return super().loss(model, logits, y) + self.alpha * torch.sum(head.weight * self.w_orig)
+
+    def step(self, model: nn.Module, opt: torch.optim.Optimizer, closure: Closure) -> torch.Tensor:
+        head = self._ready()
+        loss = super().step(model, opt, closure)
+        with torch.no_grad():
+            head.weight.mul_(self.norm / head.weight.norm().clamp_min(1e-12))
+        return loss
+
+
+RECIPES: dict[str, type[Recipe]] = {cls.name: cls for cls in (Plain, Augment, FTSAM, FST)}
+
+
+def get_recipe(name: str, **options) -> Recipe:
+    """The recipe `name` ("plain", "augment", "ft-sam", "fst") with `options` (its dataclass
+    fields, e.g. flip=True, rho=8.0, alpha=0.1, augmentation=True)."""
+    cls = RECIPES.get(name)
+    if cls is None:
+        raise ValueError(f"unknown fine-tuning recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    allowed = [f.name for f in fields(cls) if f.init]
+    bad = sorted(set(options) - set(allowed))
+    if bad:
+        raise ValueError(f"recipe {name!r} has no option(s) {', '.join(bad)}; its options: {', '.join(allowed)}")
+    return cls(**options)
