@@ -367,3 +367,20 @@ def test_bad_inputs_exit_2_with_one_line(ws, tmp_path, capsys, monkeypatch, over
     assert run_cli(*[a for flag, values in flags.items() for a in (flag, *values)], "--quiet") == 2
     assert needle in one_line_error(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_two_images_per_class_are_enough_and_a_wrecking_learning_rate_is_retried(ws, tmp_path):
+    """A defender with 2 clean images per class: the per-class 20% hold-out rounded every class to
+    zero and `defend` refused the data. Now 4 of the 20 images validate (4 classes), and a learning
+    rate that wrecks the network is discarded and retried gentler, all recorded in model.json."""
+    x, y = ws.val_u8(), ws.y_val
+    pick = torch.cat([torch.nonzero(y == c).flatten()[:2] for c in range(10)])
+    np.savez(tmp_path / "two.npz", x=(x[pick] * 255).round().to(torch.uint8).numpy(), y=y[pick].numpy())
+    out = tmp_path / "out"
+    assert run_cli("--model", ws.root / "model.safetensors", "--arch", ws.arch, "--data", tmp_path / "two.npz",
+                   "--method", "fine-tune", "--epochs", 2, "--lr", 50, "--out", out, "--quiet") == 0
+    info = json.loads((out / "model.json").read_text())
+    assert info["split"]["val_samples"] == 4 and info["split"]["train_samples"] == 16
+    ft = info["finetune"]
+    assert ft["discarded"] and ft["discarded"][0]["lr"] == 50
+    assert any("retried gentler" in w or "fine-tuning discarded" in w for w in info["warnings"])
