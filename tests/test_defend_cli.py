@@ -21,6 +21,7 @@ from fineprune.data.embedded import load_mnist5k
 from fineprune.defense.compact import load_compact
 from fineprune.defense.mask import pruned_channels
 from fineprune.defense.persist import load_pruned
+from fineprune.errors import as_flags
 from fineprune.evaluation.metrics import predict
 from fineprune.models.small import SmallCNN
 from fineprune.training import TrainConfig, train
@@ -313,7 +314,7 @@ def test_recipe_from_a_config_file_and_ignored_by_prune(ws, tmp_path):
     assert run_cli("--config", cfg, "--method", "prune", "--quiet") == 0
     info = json.loads((tmp_path / "result" / "model.json").read_text())
     assert info["finetune"] is None
-    assert any("--recipe ft-sam is ignored by --method prune" in w for w in info["warnings"])
+    assert any("--recipe ft-sam is ignored by --method prune" in as_flags(w) for w in info["warnings"])
 
 
 def test_criterion_and_stop_rule_flags_run_and_are_recorded(ws, tmp_path):
@@ -345,8 +346,8 @@ def test_criterion_and_stop_rule_from_a_config_file_and_ignored_by_fine_tune(ws,
     assert run_cli("--config", cfg, "--method", "fine-tune", "--epochs", 1, "--quiet") == 0
     info = json.loads((tmp_path / "result" / "model.json").read_text())
     assert info["sweep"] is None
-    assert any("--criterion anp is ignored by --method fine-tune" in w for w in info["warnings"])
-    assert any("--stop-rule bound is ignored by --method fine-tune" in w for w in info["warnings"])
+    assert any("--criterion anp is ignored by --method fine-tune" in as_flags(w) for w in info["warnings"])
+    assert any("--stop-rule bound is ignored by --method fine-tune" in as_flags(w) for w in info["warnings"])
 
 
 @pytest.mark.parametrize("override,needle", [

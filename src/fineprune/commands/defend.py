@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from ..defense.api import METHODS
-from .registry import command
+from .registry import FlagProgress, command
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline.defend_files import defend_files
 
     job = _job(args)
-    res = defend_files(job, progress=not args.quiet)  # bars and phase lines on stderr unless --quiet
+    res = defend_files(job, progress=False if args.quiet else FlagProgress())  # bars and lines on stderr
     if not args.quiet:
         _print_summary(res)
     return 0

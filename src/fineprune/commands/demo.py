@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..defense.stop_rule import DEFAULT_THRESHOLD
-from .registry import command
+from .registry import FlagProgress, command
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -24,14 +24,13 @@ def run(args: argparse.Namespace) -> int:
     """Run the whole story (attack, four defenses) on 5,000 embedded MNIST digits."""
     from ..defense.stop_rule import check_threshold
     from ..experiment.demo import DemoConfig, format_table, run_demo
-    from ..progress import Progress
 
     check_threshold(args.threshold)
     t0 = time.perf_counter()
     if not args.quiet:
         print("fineprune demo: MNIST (5,000 real digits), BadNets 3x3 patch, 10% poisoning, target 0")
     rows = run_demo(args.out, DemoConfig(seed=args.seed, threshold=args.threshold),
-                    progress=False if args.quiet else Progress(sys.stdout), device=args.device)
+                    progress=False if args.quiet else FlagProgress(sys.stdout), device=args.device)
     print()
     print("Test-set results (CA = clean accuracy, ASR = attack success rate):")
     print(format_table(rows))

@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from ..errors import as_flags
+from ..progress import Progress
+
 Command = Callable[[argparse.Namespace], int]
 AddArgs = Callable[[argparse.ArgumentParser], None]
 COMMANDS: dict[str, tuple[AddArgs, Command]] = {}
@@ -19,6 +22,14 @@ def command(name: str, add_args: AddArgs) -> Callable[[Command], Command]:
         return fn
 
     return deco
+
+
+class FlagProgress(Progress):
+    """The CLI's progress channel: lines as the library wrote them, with option names (`lr`) shown
+    as the flags that set them (--lr)."""
+
+    def log(self, message: str) -> None:
+        super().log(as_flags(message))
 
 
 def add_threads(p: argparse.ArgumentParser) -> None:

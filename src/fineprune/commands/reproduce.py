@@ -10,7 +10,7 @@ from ..defense.criteria import CRITERIA
 from ..defense.stop_rule import DEFAULT_THRESHOLD, STOP_RULES
 from ..recipes import RECIPES
 from ..tasks import DEFAULT_DATA_ROOT
-from .registry import add_threads, command
+from .registry import FlagProgress, add_threads, command
 
 TASKS = ("face", "speech", "traffic")  # "all": the paper's three; "mnist" runs on embedded data
 
@@ -46,7 +46,6 @@ def run(args: argparse.Namespace) -> int:
     from ..defense.stop_rule import check_threshold
     from ..errors import BadInputError
     from ..experiment.reproduce import ReproduceConfig, run_reproduce
-    from ..progress import Progress
 
     check_threshold(args.threshold)
     if not 0 < args.subsample <= 1:
@@ -59,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
                           threshold=args.threshold, subsample=args.subsample, epochs=args.epochs,
                           finetune_epochs=args.finetune_epochs, recipe=args.recipe,
                           criterion=args.criterion, stop_rule=args.stop_rule, device=args.device,
-                          progress=False if args.quiet else Progress(sys.stdout),
+                          progress=False if args.quiet else FlagProgress(sys.stdout),
                           timings=args.timings)
     run_reproduce(cfg)
     out = Path(args.out)

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from .registry import add_threads, command
+from .registry import FlagProgress, add_threads, command
 
 #: Per-epoch checkpoint inside --out while training runs (removed once the model is saved).
 TRAIN_CHECKPOINT = ".fineprune-train.ckpt"
@@ -44,7 +44,6 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import BadInputError
     from ..experiment.train import save_trained, train_task
     from ..pipeline.outdir import check_out_dir, prepare_out_dir, refuse_interrupted
-    from ..progress import Progress
     from ..tasks import get_task
     from ..training import TrainConfig
 
@@ -74,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.resume:
         checkpoint.unlink(missing_ok=True)  # --force: a kill before epoch 1 must not leave the old one
     trained = train_task(spec, data, attack=attack, cfg=cfg, seed=args.seed, device=args.device,
-                         progress=False if args.quiet else Progress(sys.stdout), checkpoint_path=checkpoint, resume=args.resume)
+                         progress=False if args.quiet else FlagProgress(sys.stdout), checkpoint_path=checkpoint, resume=args.resume)
     trained.record["seconds"]["wall"] = round(time.perf_counter() - t0, 2)
     weights, meta = save_trained(trained, out)
     checkpoint.unlink(missing_ok=True)  # the run is complete: nothing left to resume

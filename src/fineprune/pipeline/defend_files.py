@@ -70,8 +70,8 @@ def _split(job: DefendJob, clean: DataInput, val: DataInput | None) -> tuple[obj
     n = len(clean.dataset)
     if val is not None:
         train_ds, val_ds = (clean.dataset if job.method != "prune" else None), val.dataset
-        desc = f"{n} samples fine-tune, {len(val.dataset)} validate (--val)" if train_ds is not None \
-            else f"{len(val.dataset)} samples validate (--val); pruning needs no fine-tuning data"
+        desc = f"{n} samples fine-tune, {len(val.dataset)} validate (`val`)" if train_ds is not None \
+            else f"{len(val.dataset)} samples validate (`val`); pruning needs no fine-tuning data"
         frac = None
     elif job.method == "prune":
         train_ds, val_ds, frac = None, clean.dataset, None
@@ -119,7 +119,7 @@ def defend_files(job: DefendJob, *, progress: bool | Progress = False) -> Defend
     labels = [tensors(d.dataset)[1] for d in (clean, val) if d is not None]
     top = max(int(y.max()) for y in labels) + 1
     num_classes = int(job.num_classes) if job.num_classes else max(len(classes), top)
-    nc_from = "--num-classes" if job.num_classes else "the clean data's classes"
+    nc_from = "`num_classes`" if job.num_classes else "the clean data's classes"
     triggered, trig_in, target = (load_triggered(job.triggered, job.target, prep, classes, num_classes, tasks)
                                   if job.triggered else (None, None, None))
     for d in (val, trig_in):
@@ -144,14 +144,14 @@ def defend_files(job: DefendJob, *, progress: bool | Progress = False) -> Defend
     y_val = tensors(val_ds)[1]
     warnings = accuracy_warnings(acc0, y_val, job.threshold)
     if job.method == "fine-tune" and job.layer:
-        warnings.append("--layer is ignored by --method fine-tune (nothing is pruned)")
+        warnings.append("`layer` is ignored by `method` fine-tune (nothing is pruned)")
     if job.method == "prune" and job.recipe != "plain":
-        warnings.append(f"--recipe {job.recipe} is ignored by --method prune (nothing is fine-tuned)")
+        warnings.append(f"`recipe` {job.recipe} is ignored by `method` prune (nothing is fine-tuned)")
     if job.method == "fine-tune":
         if job.criterion != "activation":
-            warnings.append(f"--criterion {job.criterion} is ignored by --method fine-tune (nothing is pruned)")
+            warnings.append(f"`criterion` {job.criterion} is ignored by `method` fine-tune (nothing is pruned)")
         if job.stop_rule != "paper":
-            warnings.append(f"--stop-rule {job.stop_rule} is ignored by --method fine-tune (nothing is pruned)")
+            warnings.append(f"`stop_rule` {job.stop_rule} is ignored by `method` fine-tune (nothing is pruned)")
     for w in warnings:
         say(f"warning: {w}")
     say(f"    clean accuracy before the defense: {100 * acc0:.1f}% on {len(y_val)} validation samples")

@@ -70,7 +70,7 @@ def _summary(run: RunRecord) -> list[tuple[str, str]]:
         rows.append(("fine-tuning", f"{cfg.epochs} epochs, {cfg.optimizer}, lr {cfg.lr:g}, batch "
                                     f"{cfg.batch_size}, recipe {recipe}; kept epoch {r.finetune.best_epoch}"))
     sp = run.split
-    rows.append(("clean data", sp["description"]))
+    rows.append(("clean data", as_flags(sp["description"])))
     if "triggered" in run.inputs:
         n = run.inputs["triggered"]["samples_used"]
         if run.target is None:
@@ -87,7 +87,7 @@ def _summary(run: RunRecord) -> list[tuple[str, str]]:
 
 def _metrics(run: RunRecord) -> tuple[list[MetricRow], str]:
     b, a = run.result.before, run.result.after
-    missing = "not measured: no triggered set given (--triggered FILE --target T)"
+    missing = as_flags("not measured: no triggered set given (`triggered` FILE `target` T)")
     rows = [
         MetricRow("Clean accuracy", b.clean_acc, a.clean_acc, "higher",
                   help="correct predictions on clean validation inputs"),
@@ -149,7 +149,7 @@ def _compact(run: RunRecord) -> tuple[list[tuple[str, str, str, str]], list[tupl
     c = run.compact
     if c is None:
         return [], [], ("Not attempted: no channel was pruned (method fine-tune)." if run.result.method == "fine-tune"
-                        else "Not attempted (compact export was turned off with --no-compact).")
+                        else as_flags("Not attempted (compact export was turned off with `no_compact`)."))
     if not c.exported:
         return [], [("status", "skipped, no model-compact.safetensors written")], as_flags(c.note)
     kept = c.channels_before - len(c.removed)
@@ -226,7 +226,7 @@ def report_data(run: RunRecord, pngs: dict[str, bytes]) -> ReportData:
         subtitle=f"{run.job.arch} · {run.result.method} · written {run.created} by fineprune "
                  f"{run.versions.get('fineprune', '')}",
         verdict=_verdict(run), summary=_summary(run), metrics=metrics, metrics_note=note,
-        warnings=run.warnings, figures=_figures(run, pngs), compact_table=compact_table, compact_rows=compact_rows,
+        warnings=[as_flags(w) for w in run.warnings], figures=_figures(run, pngs), compact_table=compact_table, compact_rows=compact_rows,
         compact_note=compact_note, plain_load_ok=plain_ok, plain_load_rows=plain_rows,
         plain_load_note=plain_note, provenance=_provenance(run), command=run.command,
         how_to_load=[(f"load {name}", code) for name, code in run.load_snippets().items()],

@@ -41,11 +41,11 @@ def accuracy_warnings(acc: float, y: torch.Tensor, threshold: float) -> list[str
         warnings.append(
             f"clean accuracy before the defense is {100 * acc:.1f}%, near chance ({100 * chance:.1f}% "
             "for always answering the most common label): the preprocessing probably differs from "
-            "the model's training (check --mean/--std, --input-size, the value range and channel "
-            "order), or --arch/--num-classes are wrong; the results below are unlikely to mean much")
+            "the model's training (check `mean`/`std`, `input_size`, the value range and channel "
+            "order), or `arch`/`num_classes` are wrong; the results below are unlikely to mean much")
     n = int(y.numel())
     if n and 100.0 / n > threshold / 2:
         warnings.append(
             f"the validation part has only {n} samples (one sample = {100 / n:.1f} points), coarse "
-            f"for a {threshold:g}-point stop rule; give more clean data or a larger --val-fraction")
+            f"for a {threshold:g}-point stop rule; give more clean data or a larger `val_fraction`")
     return warnings
