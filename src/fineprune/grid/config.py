@@ -42,8 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..defense.criteria import CRITERIA
+from ..defense.stop_rule import STOP_RULES
 from ..errors import BadInputError
 from ..experiment.vocabulary import ATTACKS, DEFAULT_THRESHOLD, DEFENSES, TRIGGERS
+from ..recipes import RECIPES
 from ..runtime import fingerprint
 from ..tasks import DEFAULT_DATA_ROOT
 
@@ -66,6 +69,10 @@ AXES: dict[str, Any] = {
     "defender_val_fraction": 0.3,
     "attacker_val_fraction": 0.2,  # held out of the training split: every attacker model trains on the rest
 }
+# The axes whose value is one of a fixed set of names.
+_CHOICES: dict[str, tuple[str, ...]] = {"attack": ATTACKS, "defense": tuple(DEFENSES), "trigger": TRIGGERS,
+                                        "recipe": tuple(RECIPES), "criterion": tuple(CRITERIA),
+                                        "stop_rule": STOP_RULES}
 # Axes added after the first grids, with the paper's value: a cell leaves them out of its id
 # (and its label) where they hold that value or are collapsed to None.
 LATER_AXES = {"recipe": "plain", "criterion": "activation", "stop_rule": "paper", "trigger": "task"}
@@ -272,13 +279,9 @@ def _check(name: str, v: Any) -> Any:
             return get_task(v).name
         except BadInputError as exc:
             raise BadInputError(f"axis task: {exc}") from None
-    if name == "attack":
-        if v not in ATTACKS:
-            raise fail(f"expected one of {', '.join(ATTACKS)}")
-        return v
-    if name == "defense":
-        if v not in DEFENSES:
-            raise fail(f"expected one of {', '.join(DEFENSES)}")
+    if name in _CHOICES:
+        if not isinstance(v, str) or v not in _CHOICES[name]:
+            raise fail(f"expected one of {', '.join(_CHOICES[name])}")
         return v
     if name == "poison_rate":
         return None if v is None else number(0.0, 1.0, lo_open=True)
@@ -297,28 +300,6 @@ def _check(name: str, v: Any) -> Any:
             return None
         if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "epochs" else 0):
             raise fail(f"expected a whole number >= {1 if name == 'epochs' else 0} (or null)")
-        return v
-    if name == "trigger":
-        if v not in TRIGGERS:
-            raise fail(f"expected one of {', '.join(TRIGGERS)}")
-        return v
-    if name == "recipe":
-        from ..recipes import RECIPES
-
-        if not isinstance(v, str) or v not in RECIPES:
-            raise fail(f"expected one of {', '.join(RECIPES)}")
-        return v
-    if name == "criterion":
-        from ..defense.criteria import CRITERIA
-
-        if not isinstance(v, str) or v not in CRITERIA:
-            raise fail(f"expected one of {', '.join(CRITERIA)}")
-        return v
-    if name == "stop_rule":
-        from ..defense.stop_rule import STOP_RULES
-
-        if not isinstance(v, str) or v not in STOP_RULES:
-            raise fail(f"expected one of {', '.join(STOP_RULES)}")
         return v
     if name in ("defender_val_fraction", "attacker_val_fraction"):
         f = number(0.0, 1.0, lo_open=True)
