@@ -471,3 +471,17 @@ def test_example_configs_parse_and_expand(name):
                  and c.params["criterion"] == "activation" and c.params["stop_rule"] == "paper"]
         blocks = {(c.params["task"], c.params["attack"], c.params["poison_rate"], c.params["trigger"]) for c in cells}
         assert {(c.params["task"], c.params["attack"], c.params["poison_rate"], c.params["trigger"]) for c in paper} == blocks
+
+
+def test_lr_factors_axis_is_canonical_and_keeps_old_ids():
+    cfg = parse_config({"axes": {"task": "mnist", "defense": ["pruning", "fine-pruning"],
+                                 "lr_factors": ["1, 0.1, 0.01", "3,1,0.3,0.1"]}})
+    cells = expand(cfg)
+    values = sorted(str(c.params["lr_factors"]) for c in cells)
+    assert values == ["1,0.1,0.01", "3,1,0.3,0.1", "None"]  # pruning: nothing is fine-tuned
+    old = expand(parse_config({"axes": {"task": "mnist", "defense": ["pruning", "fine-pruning"]}}))
+    assert {c.id for c in old} <= {c.id for c in cells}  # the default keeps the id it had
+    assert any("lr_factors=3,1,0.3,0.1" in c.label() for c in cells)
+    for bad in ("0,1", "fast", "1,-2"):
+        with pytest.raises(BadInputError):
+            parse_config({"axes": {"task": "mnist", "lr_factors": bad}})

@@ -54,6 +54,22 @@ DEFAULT_FINETUNE = TrainConfig(epochs=10, lr=0.05, batch_size=64, optimizer="sgd
 LR_FACTORS: tuple[float, ...] = (1.0, 0.1, 0.01)
 
 
+def parse_lr_factors(text: str) -> tuple[float, ...]:
+    """"1,0.3,0.1" -> (1.0, 0.3, 0.1): learning-rate factors as configs and flags write them."""
+    try:
+        factors = tuple(float(t) for t in str(text).split(","))
+    except ValueError:
+        factors = ()
+    if not factors or not all(f > 0 and f < float("inf") for f in factors):
+        raise BadInputError(f"`lr_factors` must be positive numbers separated by commas, got {text!r}")
+    return factors
+
+
+def format_lr_factors(factors: tuple[float, ...]) -> str:
+    """The canonical text of learning-rate factors ("1,0.1,0.01"): one spelling per setting."""
+    return ",".join(f"{f:g}" for f in factors)
+
+
 @dataclass
 class DefenseResult:
     """What a defense produced: the repaired model and how it got there."""

@@ -5,7 +5,7 @@ import time
 
 from torch import nn
 
-from ..defense.api import DefenseResult, RunOptions, defend
+from ..defense.api import LR_FACTORS, DefenseResult, RunOptions, defend, format_lr_factors
 from ..evaluation.metrics import evaluate
 from ..progress import as_progress
 from ..runtime import seed_everything
@@ -15,7 +15,8 @@ from .vocabulary import DEFENSES
 
 def defend_one(setup: TaskSetup, attack_name: str, model: nn.Module, info: dict, defense: str,
                threshold: float, recipe: str = "plain", criterion: str = "activation",
-               stop_rule: str = "paper") -> tuple[dict, DefenseResult | None]:
+               stop_rule: str = "paper", lr_factors: tuple[float, ...] = LR_FACTORS
+               ) -> tuple[dict, DefenseResult | None]:
     """Run `defense` (a noun of `DEFENSES`) on `model` with the defender's clean data; measure it
     on the test split. Returns the results row (task, attack, defense, clean_acc, asr, robust_acc,
     pruned_fraction, seconds, ...) and the defense's result (None for "none"). `recipe`: the
@@ -32,7 +33,8 @@ def defend_one(setup: TaskSetup, attack_name: str, model: nn.Module, info: dict,
     res = None if method is None else defend(
         model, setup.defender_train, setup.defender_val, method, triggered=setup.trig_val,
         threshold=threshold, finetune=setup.ft_cfg, recipe=recipe,
-        criterion=criterion, stop_rule=stop_rule, run=RunOptions(device=setup.device, seed=setup.seed))
+        criterion=criterion, stop_rule=stop_rule, lr_factors=lr_factors,
+        run=RunOptions(device=setup.device, seed=setup.seed))
     for warning in [] if res is None else res.warnings:  # logged; the row keeps its fields
         as_progress(setup.progress).log(f"  {setup.task.name} {attack_name} {defense}: warning: {warning}")
     m = evaluate(model if res is None else res.model, setup.data.test, setup.trig_test, setup.device)
@@ -48,6 +50,8 @@ def defend_one(setup: TaskSetup, attack_name: str, model: nn.Module, info: dict,
             row["criterion"] = criterion
         if stop_rule != "paper":
             row["stop_rule"] = stop_rule
+        if tuple(lr_factors) != LR_FACTORS and res.finetune is not None:
+            row["lr_factors"] = format_lr_factors(lr_factors)
     if res is not None and res.finetune is not None:
         row["best_epoch"] = res.finetune.best_epoch
         if res.finetune.attempts:  # the guard retried gentler: the learning rate kept

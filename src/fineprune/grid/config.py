@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..defense.api import LR_FACTORS, format_lr_factors, parse_lr_factors
 from ..defense.criteria import CRITERIA
 from ..defense.stop_rule import STOP_RULES
 from ..errors import BadInputError
@@ -66,6 +67,7 @@ AXES: dict[str, Any] = {
     "recipe": "plain",  # the fine-tuning recipe, a name of fineprune.recipes.RECIPES
     "criterion": "activation",  # the pruning order, a name of fineprune.defense.criteria.CRITERIA
     "stop_rule": "paper",  # a name of fineprune.defense.stop_rule.STOP_RULES
+    "lr_factors": format_lr_factors(LR_FACTORS),  # fine-tuning rates tried, strongest first (defend lr_factors)
     "defender_val_fraction": 0.3,
     "attacker_val_fraction": 0.2,  # held out of the training split: every attacker model trains on the rest
 }
@@ -75,7 +77,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {"attack": ATTACKS, "defense": tuple(DEFE
                                         "stop_rule": STOP_RULES}
 # Axes added after the first grids, with the paper's value: a cell leaves them out of its id
 # (and its label) where they hold that value or are collapsed to None.
-LATER_AXES = {"recipe": "plain", "criterion": "activation", "stop_rule": "paper", "trigger": "task"}
+LATER_AXES = {"recipe": "plain", "criterion": "activation", "stop_rule": "paper", "trigger": "task",
+              "lr_factors": format_lr_factors(LR_FACTORS)}
 # The axes that pick the trained model (the rest only change the defense / measurement).
 MODEL_AXES = ("task", "attack", "poison_rate", "trigger", "attack_threshold", "seed", "subsample", "epochs",
               "attacker_val_fraction")
@@ -279,6 +282,11 @@ def _check(name: str, v: Any) -> Any:
             return get_task(v).name
         except BadInputError as exc:
             raise BadInputError(f"axis task: {exc}") from None
+    if name == "lr_factors":
+        try:
+            return format_lr_factors(parse_lr_factors(v))
+        except BadInputError as exc:
+            raise fail(str(exc)) from None
     if name in _CHOICES:
         if not isinstance(v, str) or v not in _CHOICES[name]:
             raise fail(f"expected one of {', '.join(_CHOICES[name])}")
@@ -326,6 +334,7 @@ def normalise(params: dict) -> dict:
     if p["defense"] in ("none", "pruning"):
         p["finetune_epochs"] = None
         p["recipe"] = None
+        p["lr_factors"] = None
     if p["defense"] == "none":
         p["defender_val_fraction"] = None
     return p

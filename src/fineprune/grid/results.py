@@ -84,7 +84,7 @@ def _stats(values: list[float]) -> dict:
 
 GROUP_AXES = tuple(a for a in AXES if a != "seed")
 # The defense's own axes: one panel of the threshold figure draws a line per value of these.
-_LINE_AXES = ("defense", "threshold", "finetune_epochs", "recipe", "criterion", "stop_rule",
+_LINE_AXES = ("defense", "threshold", "finetune_epochs", "recipe", "lr_factors", "criterion", "stop_rule",
               "defender_val_fraction")
 
 

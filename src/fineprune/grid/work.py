@@ -81,6 +81,7 @@ def run_cell(cell: dict, model: dict) -> dict:
     """Defend the trained `model` (a `train_model` result) as the cell says and measure it on the
     test split. `cell` = {"id", "params", "data_root", "device", "plugins"}. Returns the cell's
     metrics (the runner adds the params and bookkeeping)."""
+    from ..defense.api import LR_FACTORS, format_lr_factors, parse_lr_factors
     from ..defense.persist import load_pruned
     from ..experiment import DEFAULT_THRESHOLD, defend_one
 
@@ -94,7 +95,8 @@ def run_cell(cell: dict, model: dict) -> dict:
     row, _ = defend_one(setup, params["attack"], net, model.get("info", {}), params["defense"], threshold,
                         recipe=params.get("recipe") or "plain",
                         criterion=params.get("criterion") or "activation",
-                        stop_rule=params.get("stop_rule") or "paper")
+                        stop_rule=params.get("stop_rule") or "paper",
+                        lr_factors=parse_lr_factors(params.get("lr_factors") or format_lr_factors(LR_FACTORS)))
     for k in ("task", "attack", "defense"):
         row.pop(k, None)
     row["cell_seconds"] = round(time.perf_counter() - t0, 3)
