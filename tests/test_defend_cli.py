@@ -385,3 +385,15 @@ def test_two_images_per_class_are_enough_and_a_wrecking_learning_rate_is_retried
     ft = info["finetune"]
     assert ft["discarded"] and ft["discarded"][0]["lr"] == 50
     assert any("retried gentler" in w or "fine-tuning discarded" in w for w in info["warnings"])
+
+
+def test_lr_factors_flag_sets_the_learning_rates_fine_tuning_tries(ws, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("--model", ws.root / "model.safetensors", "--arch", ws.arch, "--data", ws.root / "small.npz",
+                   "--method", "fine-tune", "--epochs", 1, "--lr", 50, "--lr-factors", "1", "--out", out,
+                   "--quiet") == 0
+    info = json.loads((out / "model.json").read_text())
+    assert [a["lr"] for a in info["finetune"]["discarded"]] == [50] and info["finetune"]["best_epoch"] == 0
+    assert "--lr-factors 1" in info["command"] and any("fine-tuning discarded" in w for w in info["warnings"])
+    assert run_cli("--model", ws.root / "model.safetensors", "--arch", ws.arch, "--data", ws.root / "small.npz",
+                   "--lr-factors", "1,-0.5", "--out", tmp_path / "bad") == 2

@@ -54,6 +54,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--criterion", metavar="NAME",
                    help="pruning order: activation (default, the paper's), clp (channel Lipschitz, "
                         "data-free) or anp (adversarial neuron perturbation)")
+    d.add_argument("--lr-factors", metavar="LIST",
+                   help="fine-tuning learning rates tried, as factors of --lr, strongest first; the first run "
+                        "within --threshold of the original on validation data is kept (default 1,0.1,0.01)")
     d.add_argument("--stop-rule", metavar="NAME",
                    help="paper (default: within --threshold) or bound (within it including a one-sided "
                         "95%% bound on the pruned model's validation accuracy)")

@@ -16,7 +16,7 @@ import torch
 
 from ..data.splits import holdout
 from ..data.types import tensors
-from ..defense.api import DefenseResult, RunOptions, defend
+from ..defense.api import LR_FACTORS, DefenseResult, RunOptions, defend, parse_lr_factors
 from ..defense.bake import BakeResult, TraceResult, bake_masks, trace_masked
 from ..defense.compact import CompactResult, compact_model
 from ..errors import BadInputError
@@ -165,7 +165,8 @@ def defend_files(job: DefendJob, *, progress: bool | Progress = False) -> Defend
                          else Path(job.out).expanduser() / SWEEP_CHECKPOINT_NAME)
     result = defend(model, train_ds, val_ds, job.method, triggered=triggered, layer=job.layer,
                     threshold=job.threshold, finetune=job.finetune_config(), recipe=job.recipe,
-                    criterion=job.criterion, stop_rule=job.stop_rule, run=options)
+                    criterion=job.criterion, stop_rule=job.stop_rule, run=options,
+                    lr_factors=parse_lr_factors(job.lr_factors) if job.lr_factors else LR_FACTORS)
     timings.update(result.timings)
     timings["defense"] = result.seconds
     for w in result.warnings:

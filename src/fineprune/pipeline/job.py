@@ -10,7 +10,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..defense.api import DEFAULT_FINETUNE, METHODS
+from ..defense.api import DEFAULT_FINETUNE, METHODS, format_lr_factors, parse_lr_factors
 from ..defense.criteria import CRITERIA
 from ..defense.stop_rule import DEFAULT_THRESHOLD, STOP_RULES, check_threshold
 from ..errors import BadInputError
@@ -59,6 +59,7 @@ class DefendJob:
     recipe: str = "plain"  # the fine-tuning recipe, a name of fineprune.recipes.RECIPES
     criterion: str = "activation"  # the pruning order, a name of fineprune.defense.criteria.CRITERIA
     stop_rule: str = "paper"  # a name of fineprune.defense.stop_rule.STOP_RULES
+    lr_factors: str | None = None  # "1,0.3,0.1": fine-tuning rates tried, strongest first (None: LR_FACTORS)
     seed: int = 0
     device: str | None = None
     force: bool = False
@@ -115,6 +116,8 @@ class DefendJob:
             raise BadInputError(f"`recipe` must be one of {', '.join(RECIPES)}, not {self.recipe!r}")
         if not isinstance(self.criterion, str) or self.criterion not in CRITERIA:
             raise BadInputError(f"`criterion` must be one of {', '.join(CRITERIA)}, not {self.criterion!r}")
+        if self.lr_factors is not None:
+            self.lr_factors = format_lr_factors(parse_lr_factors(self.lr_factors))
         if not isinstance(self.stop_rule, str) or self.stop_rule not in STOP_RULES:
             raise BadInputError(f"`stop_rule` must be one of {', '.join(STOP_RULES)}, not {self.stop_rule!r}")
         return self
