@@ -1,4 +1,6 @@
 import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,15 @@ def sigkill_when():
         return victim.returncode
 
     return run
+
+
+@contextmanager
+def on_sys_path(root: Path, module: str):
+    """`root` importable for the block (an `--arch module:factory` written there), and `module`
+    forgotten afterwards, so the next workspace's file of the same name is read afresh."""
+    sys.path.insert(0, str(root))
+    try:
+        yield root
+    finally:
+        sys.path.remove(str(root))
+        sys.modules.pop(module, None)

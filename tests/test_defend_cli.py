@@ -5,7 +5,6 @@ import hashlib
 import json
 import pathlib
 import pickle
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import on_sys_path
 from PIL import Image
 
 from fineprune import AllToOne, BadNets, PatchTrigger
@@ -81,13 +81,8 @@ class Workspace:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Workspace:
-    root = tmp_path_factory.mktemp("defend")
-    sys.path.insert(0, str(root))
-    try:
+    with on_sys_path(tmp_path_factory.mktemp("defend"), "nets_for_defend") as root:
         yield Workspace(root)
-    finally:
-        sys.path.remove(str(root))
-        sys.modules.pop("nets_for_defend", None)
 
 
 def run_cli(*args: Any) -> int:

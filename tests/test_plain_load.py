@@ -4,7 +4,6 @@ of the masked model, where it cannot (a ResNet stage output, fed by the shortcut
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
+from conftest import on_sys_path
 from torch import nn
 
 from fineprune import AllToOne, BadNets, PatchTrigger
@@ -82,13 +82,8 @@ class Workspace:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Workspace:
-    root = tmp_path_factory.mktemp("plain_load")
-    sys.path.insert(0, str(root))
-    try:
+    with on_sys_path(tmp_path_factory.mktemp("plain_load"), "nets_for_plain_load") as root:
         yield Workspace(root)
-    finally:
-        sys.path.remove(str(root))
-        sys.modules.pop("nets_for_plain_load", None)
 
 
 def defend(ws: Workspace, net: str, method: str, out: Path, *extra) -> dict:

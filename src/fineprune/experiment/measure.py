@@ -50,10 +50,10 @@ def defend_one(setup: TaskSetup, attack_name: str, model: nn.Module, info: dict,
             row["criterion"] = criterion
         if stop_rule != "paper":
             row["stop_rule"] = stop_rule
-        if tuple(lr_factors) != LR_FACTORS and res.finetune is not None:
-            row["lr_factors"] = format_lr_factors(lr_factors)
     if res is not None and res.finetune is not None:
         row["best_epoch"] = res.finetune.best_epoch
+        if tuple(lr_factors) != LR_FACTORS:
+            row["lr_factors"] = format_lr_factors(lr_factors)
         if res.finetune.attempts:  # the guard retried gentler: the learning rate kept
             row["finetune_lr"] = res.finetune.lr if res.finetune.best_epoch else None
         if recipe != "plain":
