@@ -58,6 +58,9 @@ class Recipe:
     `label_smoothing` is passed to the cross-entropy."""
 
     name: ClassVar[str] = "plain"
+    # Whether `step` works under fp16 loss scaling: True when it only runs the closure and calls
+    # opt.step() (which the scaler wraps); False when it uses the raw gradients itself.
+    grad_scaler: ClassVar[bool] = True
     augmentation: bool = False
     flip: bool = False
     label_smoothing: float = 0.0
@@ -116,6 +119,7 @@ class FTSAM(Recipe):
     (Foret et al.: 0.05)."""
 
     name: ClassVar[str] = "ft-sam"
+    grad_scaler: ClassVar[bool] = False  # the perturbation is computed from the (scaled) raw gradients
     label_smoothing: float = 0.1
     rho: float = 2.0
     adaptive: bool = True

@@ -15,7 +15,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     io = p.add_argument_group("model and data")
     io.add_argument("--model", metavar="FILE", help="the received model: safetensors, a state dict "
                     "(.pt/.pth) or a TorchScript archive (weights only; never executed)")
-    io.add_argument("--arch", metavar="SPEC", help="architecture: a built-in name, torchvision:NAME "
+    io.add_argument("--arch", metavar="SPEC", help="architecture: a built-in name, torchvision:NAME, "
+                    "timm:NAME[,key=value...] (e.g. timm:vit_tiny_patch16_224,img_size=32) "
                     "or package.module:function")
     io.add_argument("--num-classes", type=int, metavar="N", help="model outputs (default: the clean data's classes)")
     io.add_argument("--data", metavar="PATH", help="clean data: ImageFolder dir, .npz (x, y), wav folder, or task:NAME")
@@ -46,6 +47,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--lr", type=float, help="fine-tuning learning rate (default 0.05)")
     d.add_argument("--batch-size", type=int, help="fine-tuning batch size (default 64)")
     d.add_argument("--optimizer", choices=("sgd", "adam"), help="fine-tuning optimizer (default sgd)")
+    d.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                   help="fine-tuning arithmetic: fp32 (default, exact), bf16 (mixed precision: CPU or GPU) or "
+                        "fp16 (mixed precision with loss scaling: CUDA only); the sweep and evaluation stay fp32")
     # Checked by DefendJob (not argparse choices): a bad name is one error line, as in a config file.
     d.add_argument("--recipe", metavar="NAME",
                    help="how fine-tuning trains: plain (default, the paper's), augment (random crop, or "
@@ -65,10 +69,15 @@ def _args(p: argparse.ArgumentParser) -> None:
                         "(default: cache everything)")
     d.add_argument("--no-compact", dest="compact", action="store_false", default=None,
                    help="skip the compact export")
+    d.add_argument("--export", choices=("onnx",),
+                   help="also write model.onnx (and model-compact.onnx), checked against PyTorch with "
+                        "onnxruntime (pip install 'fineprune[onnx]')")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, help="seed for the split and fine-tuning (default 0)")
     r.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.add_argument("--workers", type=int, metavar="N", help="processes decoding image or wav folders in "
+                   "parallel (default 0: in the main process; tensors from .npz or task:NAME need none)")
     r.add_argument("--resume", action="store_true", default=None,
                    help="continue an interrupted run from its checkpoints in --out (fine-tuning, and the "
                         "sweep when it streams; same command otherwise; the result equals an uninterrupted run's)")

@@ -2,20 +2,30 @@
 
 The defender brings "some clean data" in whatever shape they have; these turn the common shapes
 into a TensorDataset (float inputs, int64 labels) with errors that say how to fix the input.
+Folders can also be read lazily (`load_data(..., lazy=True)`): `ImageFolderData` and
+`WavFolderData` list the files up front (labels come from the paths) and decode one item at a
+time, so a folder larger than memory can be defended and DataLoader workers do the decoding.
+An `.npz` is one array file and stays eager. (The built-in tasks' archives, `.tar.xz`, are read
+eagerly too, by `fineprune.data.archive`: they must be extracted anyway.)
 """
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import logging
 import os
 import re
+import wave
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from fineprune.data.speech import WavReadError, pack_waves, read_wav_int16
 from fineprune.data.types import make_dataset
@@ -54,18 +64,9 @@ def _normalise_size(size: int | tuple[int, int] | list[int] | None) -> tuple[int
     return int(size[0]), int(size[1])
 
 
-def load_image_folder(
-    path: str | os.PathLike[str],
-    size: int | tuple[int, int] | None = None,
-    mode: str | None = "RGB",
-) -> tuple[TensorDataset, list[str]]:
-    """ImageFolder layout (`path/<class>/**/<image>`): x (N,C,H,W) float in [0,1], labels by sorted
-    class name (torchvision's order, so indices match a model trained with ImageFolder).
-
-    Images are not resized unless `size` (H, W) is given, because silently resizing would change
-    what the model sees. `mode` "RGB" / "L" converts; None picks "L" if every image is greyscale,
-    else "RGB". Unreadable image files are skipped, logged, and counted in `dataset.skipped`.
-    """
+def _image_classes(path: str | os.PathLike[str], size, mode: str | None
+                   ) -> tuple[Path, list[Path], tuple[int, int] | None]:
+    """The checked root, its class subfolders (sorted, as ImageFolder) and the target size."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise BadInputError(f"{root} is not a folder; expected one subfolder per class holding images")
@@ -80,6 +81,48 @@ def load_image_folder(
             f"{root} has no class subfolders{hint}: put each class's images in its own subfolder "
             "(path/<class name>/<image>), as for torchvision's ImageFolder."
         )
+    return root, class_dirs, hw
+
+
+def _pick_mode(mode: str | None, modes: set[str]) -> str:
+    """`mode`, or for None "L" when every image is greyscale, else "RGB"."""
+    if mode is not None:
+        return mode
+    return "L" if modes and all(m in _GREY_MODES for m in modes) else "RGB"
+
+
+def _one_size(root: Path, sizes: set[tuple[int, int]]) -> None:
+    """Without `size`, every image must already have the same size (PIL's (W, H) here)."""
+    if len(sizes) > 1:
+        (w1, h1), (w2, h2) = sorted(sizes)[:2]
+        raise BadInputError(
+            f"images in {root} have {len(sizes)} different sizes (e.g. {h1}x{w1} and {h2}x{w2}, "
+            "HxW); pass size=(H, W) (the model's input size) to resize them all."
+        )
+
+
+def _image_tensor(im: Image.Image, mode: str, hw: tuple[int, int] | None) -> np.ndarray:
+    """One decoded image as uint8 (H, W, C), converted and resized as the loaders do."""
+    im = im.convert(mode)
+    if hw is not None and im.size != (hw[1], hw[0]):
+        im = im.resize((hw[1], hw[0]), Image.Resampling.BILINEAR)
+    a = np.array(im, dtype=np.uint8)
+    return a[:, :, None] if a.ndim == 2 else a
+
+
+def load_image_folder(
+    path: str | os.PathLike[str],
+    size: int | tuple[int, int] | None = None,
+    mode: str | None = "RGB",
+) -> tuple[TensorDataset, list[str]]:
+    """ImageFolder layout (`path/<class>/**/<image>`): x (N,C,H,W) float in [0,1], labels by sorted
+    class name (torchvision's order, so indices match a model trained with ImageFolder).
+
+    Images are not resized unless `size` (H, W) is given, because silently resizing would change
+    what the model sees. `mode` "RGB" / "L" converts; None picks "L" if every image is greyscale,
+    else "RGB". Unreadable image files are skipped, logged, and counted in `dataset.skipped`.
+    """
+    root, class_dirs, hw = _image_classes(path, size, mode)
     class_names = [p.name for p in class_dirs]
     images: list[Image.Image] = []
     labels: list[int] = []
@@ -102,23 +145,10 @@ def load_image_folder(
             f"no readable images in {root} (skipped {len(skipped)} unreadable files); "
             f"expected {', '.join(IMAGE_EXTENSIONS)} files in class subfolders"
         )
-    if mode is None:
-        mode = "L" if all(im.mode in _GREY_MODES for im in images) else "RGB"
+    mode = _pick_mode(mode, {im.mode for im in images})
     if hw is None:
-        sizes = {im.size for im in images}
-        if len(sizes) > 1:
-            (w1, h1), (w2, h2) = sorted(sizes)[:2]
-            raise BadInputError(
-                f"images in {root} have {len(sizes)} different sizes (e.g. {h1}x{w1} and {h2}x{w2}, "
-                "HxW); pass size=(H, W) (the model's input size) to resize them all."
-            )
-    arrays = []
-    for im in images:
-        im = im.convert(mode)
-        if hw is not None and im.size != (hw[1], hw[0]):
-            im = im.resize((hw[1], hw[0]), Image.Resampling.BILINEAR)
-        a = np.asarray(im, dtype=np.uint8)
-        arrays.append(a[:, :, None] if a.ndim == 2 else a)
+        _one_size(root, {im.size for im in images})
+    arrays = [_image_tensor(im, mode, hw) for im in images]
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
     if skipped:
         log.warning("skipped %d unreadable image files in %s", len(skipped), root)
@@ -253,15 +283,8 @@ def _label_order(names: set[str]) -> tuple[list[str], dict[str, int]]:
     return ordered, {n: i for i, n in enumerate(ordered)}
 
 
-def load_wav_folder(
-    path: str | os.PathLike[str], length: int = 8192, sample_rate: int = 8000
-) -> tuple[TensorDataset, list[str]]:
-    """WAV files labelled by subfolder (`path/<label>/*.wav`) or by name prefix (`<label>_*.wav`,
-    FSDD style): x (N,1,length) in [-1,1] (centre crop / centre zero-pad), int64 labels.
-
-    Files at another sample rate are refused by name (no silent resampling); unreadable files are
-    skipped, logged and counted in `dataset.skipped`.
-    """
+def _wav_files(path: str | os.PathLike[str], length: int) -> tuple[Path, list[tuple[str, Path]]]:
+    """The checked root and its wav files with their label names (subfolder or name prefix)."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise BadInputError(f"{root} is not a folder of .wav files")
@@ -281,6 +304,19 @@ def load_wav_folder(
                 "put them in one subfolder per label, or name them <label>_<anything>.wav"
             )
         labelled = [(_WAV_LABEL.match(f.name).group(1), f) for f in files]  # type: ignore[union-attr]
+    return root, labelled
+
+
+def load_wav_folder(
+    path: str | os.PathLike[str], length: int = 8192, sample_rate: int = 8000
+) -> tuple[TensorDataset, list[str]]:
+    """WAV files labelled by subfolder (`path/<label>/*.wav`) or by name prefix (`<label>_*.wav`,
+    FSDD style): x (N,1,length) in [-1,1] (centre crop / centre zero-pad), int64 labels.
+
+    Files at another sample rate are refused by name (no silent resampling); unreadable files are
+    skipped, logged and counted in `dataset.skipped`.
+    """
+    root, labelled = _wav_files(path, length)
     class_names, index = _label_order({name for name, _ in labelled})
     waves, labels, skipped = [], [], []
     for name, f in labelled:
@@ -297,6 +333,154 @@ def load_wav_folder(
     ds = make_dataset(pack_waves(waves, int(length)), torch.tensor(labels, dtype=torch.long))
     ds.skipped = len(skipped)  # type: ignore[attr-defined]
     return ds, class_names
+
+
+#: A per-item transform of lazy folder data: one decoded input (C, H, W) or (1, L) in, one out.
+ItemTransform = Callable[[torch.Tensor], torch.Tensor]
+
+
+class _FolderData(Dataset):
+    """Files listed up front with their labels; each item decoded (and `transform`ed) on access,
+    in whichever process reads it (DataLoader workers). `targets`: all labels, known without
+    decoding. `fingerprint()`: a cheap key for resuming (paths, sizes, mtimes, settings)."""
+
+    kind = ""
+
+    def __init__(self, root: Path, files: list[Path], targets: torch.Tensor, class_names: list[str],
+                 settings: dict, transform: ItemTransform | None, skipped: int) -> None:
+        self.root, self.files, self.targets = root, files, targets
+        self.class_names, self.settings, self.transform = class_names, settings, transform
+        self.skipped = skipped
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _decode(self, path: Path) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = self._decode(self.files[i])
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self.targets[i])
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the decode settings, the transform's repr, the labels, and each file's
+        relative path, size and modification time: stat calls only, no file is read."""
+        h = hashlib.sha256(json.dumps({"kind": self.kind, "settings": self.settings,
+                                       "transform": repr(self.transform)}, sort_keys=True).encode())
+        h.update(self.targets.numpy().tobytes())
+        for f in self.files:
+            st = f.stat()
+            h.update(f"{f.relative_to(self.root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+    def relabel(self, mapping: torch.Tensor) -> _FolderData:
+        """A copy whose label l becomes mapping[l] (a triggered folder's classes mapped by name)."""
+        new = copy.copy(self)
+        new.targets = mapping[self.targets]
+        return new
+
+
+class ImageFolderData(_FolderData):
+    """An ImageFolder-layout folder read lazily: the same files, labels, conversion and resizing
+    as `load_image_folder`, so its items equal that TensorDataset's rows bit for bit.
+
+    Listing opens each file's header (no pixel decoding): unreadable files are skipped and
+    counted as by the eager loader, and the colour mode (for `mode` None) and the one-size check
+    (without `size`) are settled before any long phase. A file that fails later, at decoding,
+    raises BadInputError naming it."""
+
+    kind = "images"
+
+    def __init__(self, path: str | os.PathLike[str], size: int | tuple[int, int] | None = None,
+                 mode: str | None = "RGB", transform: ItemTransform | None = None) -> None:
+        root, class_dirs, hw = _image_classes(path, size, mode)
+        files: list[Path] = []
+        labels: list[int] = []
+        modes: set[str] = set()
+        sizes: set[tuple[int, int]] = set()
+        skipped = 0
+        for label, cdir in enumerate(class_dirs):
+            found = _files_under(cdir, IMAGE_EXTENSIONS)
+            if not found:
+                log.warning("class folder %s holds no images; class %d will have no samples", cdir, label)
+            for f in found:
+                try:
+                    with Image.open(f) as im:
+                        modes.add(im.mode)
+                        sizes.add(im.size)
+                except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+                    log.warning("skipping unreadable image %s: %s", f, exc)
+                    skipped += 1
+                    continue
+                files.append(f)
+                labels.append(label)
+        if not files:
+            raise BadInputError(
+                f"no readable images in {root} (skipped {skipped} unreadable files); "
+                f"expected {', '.join(IMAGE_EXTENSIONS)} files in class subfolders"
+            )
+        if skipped:
+            log.warning("skipped %d unreadable image files in %s", skipped, root)
+        if hw is None:
+            _one_size(root, sizes)
+        self.mode, self.hw = _pick_mode(mode, modes), hw
+        super().__init__(root, files, torch.tensor(labels, dtype=torch.long), [p.name for p in class_dirs],
+                         {"mode": self.mode, "size": hw}, transform, skipped)
+
+    def _decode(self, path: Path) -> torch.Tensor:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                a = _image_tensor(im, self.mode, self.hw)
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise BadInputError(f"{path}: cannot decode the image ({exc}); remove or replace the file") from None
+        return torch.from_numpy(a).permute(2, 0, 1).float().div_(255.0).contiguous()
+
+
+class WavFolderData(_FolderData):
+    """A wav folder read lazily: the same files, labels, crop / pad and scaling as
+    `load_wav_folder`, so its items equal that TensorDataset's rows bit for bit.
+
+    Listing reads each file's header only: unreadable files are skipped and counted, and a file
+    at another sample rate is refused by name before any long phase, as by the eager loader."""
+
+    kind = "wavs"
+
+    def __init__(self, path: str | os.PathLike[str], length: int = 8192, sample_rate: int = 8000,
+                 transform: ItemTransform | None = None) -> None:
+        root, labelled = _wav_files(path, length)
+        class_names, index = _label_order({name for name, _ in labelled})
+        files: list[Path] = []
+        labels: list[int] = []
+        skipped = 0
+        for name, f in labelled:
+            try:
+                with wave.open(str(f), "rb") as w:
+                    rate = w.getframerate()
+            except (wave.Error, EOFError, ValueError, OSError) as exc:
+                log.warning("skipping %s: not a readable PCM WAV (%s)", f, exc)
+                skipped += 1
+                continue
+            if sample_rate is not None and rate != sample_rate:
+                read_wav_int16(f.read_bytes(), str(f), sample_rate)  # raises the loader's own message
+            files.append(f)
+            labels.append(index[name])
+        if not files:
+            raise BadInputError(f"no readable PCM .wav files in {root} ({skipped} unreadable)")
+        if skipped:
+            log.warning("skipped %d unreadable wav files in %s", skipped, root)
+        self.length, self.sample_rate = int(length), sample_rate
+        super().__init__(root, files, torch.tensor(labels, dtype=torch.long), class_names,
+                         {"length": self.length, "sample_rate": sample_rate}, transform, skipped)
+
+    def _decode(self, path: Path) -> torch.Tensor:
+        try:
+            a = read_wav_int16(path.read_bytes(), str(path), self.sample_rate)
+        except (WavReadError, OSError) as exc:
+            raise BadInputError(f"{path}: cannot decode the wav file ({exc}); remove or replace it") from None
+        return pack_waves([a], self.length)[0]
 
 
 def _folder_kind(root: Path) -> str:
@@ -323,12 +507,16 @@ _IMAGE_OPTS = ("size", "mode")
 _WAV_OPTS = ("length", "sample_rate")
 
 
-def load_data(path: str | os.PathLike[str], **opts: Any) -> tuple[TensorDataset, list[str]]:
+def load_data(path: str | os.PathLike[str], *, lazy: bool = False, transform: ItemTransform | None = None,
+              **opts: Any) -> tuple[Dataset, list[str]]:
     """Load clean data from whatever `path` is: an `.npz`, a folder of images, or of wavs.
 
     Options that do not apply to the kind found (e.g. `length` for images) are ignored, so one
     command line can carry both; options no loader knows raise TypeError; None means "default".
     For an `.npz`, class names come from an optional `class_names` array, else "0".."K-1".
+    `lazy`: a folder becomes an `ImageFolderData` / `WavFolderData` (decoded per item, with
+    `transform` applied to each decoded item) instead of a TensorDataset; an `.npz` is always
+    read whole (a TensorDataset; `transform` does not apply to it).
     """
     unknown = set(opts) - set(_IMAGE_OPTS) - set(_WAV_OPTS)
     if unknown:
@@ -345,8 +533,16 @@ def load_data(path: str | os.PathLike[str], **opts: Any) -> tuple[TensorDataset,
         return ds, [str(i) for i in range(k)]
     if p.is_dir():
         if _folder_kind(p) == "images":
-            return load_image_folder(p, **{k: opts[k] for k in _IMAGE_OPTS if k in opts})
-        return load_wav_folder(p, **{k: opts[k] for k in _WAV_OPTS if k in opts})
+            image_opts = {k: opts[k] for k in _IMAGE_OPTS if k in opts}
+            if lazy:
+                ds = ImageFolderData(p, transform=transform, **image_opts)
+                return ds, list(ds.class_names)
+            return load_image_folder(p, **image_opts)
+        wav_opts = {k: opts[k] for k in _WAV_OPTS if k in opts}
+        if lazy:
+            ds = WavFolderData(p, transform=transform, **wav_opts)
+            return ds, list(ds.class_names)
+        return load_wav_folder(p, **wav_opts)
     if not p.exists():
         raise BadInputError(f"{p} does not exist; pass an .npz file or a folder of images or wav files")
     raise BadInputError(f"{p} is not an .npz file or a folder; save the data with np.savez(path, x=..., y=...)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 
 def stratified_split(
@@ -70,17 +71,25 @@ def group_split(
     return out
 
 
-def holdout(data: "TensorDataset", fraction: float = 0.2, seed: int = 0,
-            groups: torch.Tensor | None = None) -> tuple["TensorDataset", "TensorDataset"]:
+def holdout(data: Dataset, fraction: float = 0.2, seed: int = 0,
+            groups: torch.Tensor | None = None) -> tuple[Dataset, Dataset]:
     """Split one clean set into (fine-tuning part, held-out validation part), stratified and seeded;
     by group when `groups` is given (near-duplicates stay on one side, or the held-out part cannot
     see over-fitting: on GTSRB tracks a random hold-out read 99.7-99.8% after fine-tuning at
-    every learning rate tried, while at lr 0.05 the test split lost 4 points)."""
-    from .types import make_dataset, tensors
+    every learning rate tried, while at lr 0.05 the test split lost 4 points).
 
-    x, y = tensors(data)
+    A TensorDataset is split into two TensorDatasets (copies, as always: contiguous tensors keep
+    the fast paths fast); any other dataset into two `Subset`s by index, without reading an input
+    (labels come from `stream.labels_of`)."""
+    from .stream import labels_of
+    from .types import make_dataset
+
+    y = labels_of(data)
     if groups is not None:
         rest, held = group_split(groups, y, (1.0 - fraction, fraction), seed)
     else:
         rest, held = stratified_split(y, (1.0 - fraction, fraction), seed)
-    return make_dataset(x[rest], y[rest]), make_dataset(x[held], y[held])
+    if isinstance(data, TensorDataset):
+        x = data.tensors[0]
+        return make_dataset(x[rest], y[rest]), make_dataset(x[held], y[held])
+    return Subset(data, rest.tolist()), Subset(data, held.tolist())

@@ -8,14 +8,23 @@ from torch.utils.data import TensorDataset
 
 
 def make_dataset(x: torch.Tensor, y: torch.Tensor) -> TensorDataset:
-    """A TensorDataset with float32 inputs and int64 labels (checked, not guessed)."""
+    """A TensorDataset with float32 inputs and int64 labels (checked, not guessed).
+
+    The inputs get the standard row-major strides, not merely `is_contiguous()` ones: a one-channel
+    image batch permuted from (N, H, W, 1) passes `is_contiguous()` with channels-last strides,
+    which send convolutions down another kernel (last-bit differences), so the same data read
+    lazily (batches collated with standard strides) would not be bit-identical to it."""
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"inputs and labels differ in length: {x.shape[0]} vs {y.shape[0]}")
-    return TensorDataset(x.float().contiguous(), y.long().contiguous())
+    x = x.float().contiguous()
+    if x.stride() != torch.empty(x.shape, device="meta").stride():
+        x = x.clone(memory_format=torch.contiguous_format)
+    return TensorDataset(x, y.long().contiguous())
 
 
 def tensors(ds: TensorDataset | torch.utils.data.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) of a dataset; materialises non-tensor datasets once."""
+    """(x, y) of a dataset; materialises non-tensor datasets once (reading every input: use it
+    only where a whole tensor is truly needed; `fineprune.data.stream` reads in batches)."""
     if isinstance(ds, TensorDataset):
         return ds.tensors[0], ds.tensors[1]
     xs, ys = zip(*[ds[i] for i in range(len(ds))])

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset
 
-from ..data.types import tensors
+from ..data import stream
 from ..errors import BadInputError
 from ..evaluation.metrics import Metrics, TriggeredSet, accuracy, attack_metrics, evaluate
+from ..precision import check_precision, check_precision_name
 from ..progress import Progress
 from ..recipes import Recipe, get_recipe
 from ..runtime import pick_device
@@ -109,6 +110,7 @@ class RunOptions:
     sweep_mode: str = "auto"
     budget_mb: float = 256.0  # working memory of the sweep's batched head calls
     max_cache_mb: float | None = None  # bound on the sweep's cached features (None: no bound)
+    workers: int = 0  # DataLoader processes decoding a lazy dataset (tensors are sliced in memory)
 
 
 class _Defense:
@@ -122,9 +124,12 @@ class _Defense:
     recipe: str | Recipe
     stop_rule: str
     criterion: str
+    precision: str | None
 
     def __post_init__(self) -> None:
         self.threshold = check_threshold(self.threshold)
+        if getattr(self, "precision", None) is not None:
+            check_precision_name(self.precision)
         if isinstance(getattr(self, "recipe", None), str):
             get_recipe(self.recipe)  # an unknown name fails here, before any work
         factors = getattr(self, "lr_factors", (1.0,))
@@ -139,14 +144,23 @@ class _Defense:
         """A fresh recipe for one fine-tuning run (a recipe may hold state from the model it prepared)."""
         return get_recipe(self.recipe) if isinstance(self.recipe, str) else copy.deepcopy(self.recipe)
 
-    def _fit(self, model: nn.Module, train_data: TensorDataset | None, val: TensorDataset,
+    def _finetune_config(self) -> TrainConfig:
+        """The fine-tuning settings: `finetune` (None: DEFAULT_FINETUNE), `precision` overriding its own."""
+        cfg = self.finetune or copy.deepcopy(DEFAULT_FINETUNE)
+        return cfg if getattr(self, "precision", None) is None else replace(cfg, precision=self.precision)
+
+    def _fit(self, model: nn.Module, train_data: Dataset | None, val: Dataset,
              triggered: TriggeredSet | None, run: RunOptions | None) -> DefenseResult:
         """On a copy of `model`: measure, prune and/or fine-tune (as `method` says), measure again."""
         t0 = time.perf_counter()
         run = replace(run or RunOptions(), device=pick_device(run and run.device))
+        if not isinstance(run.workers, int) or isinstance(run.workers, bool) or run.workers < 0:
+            raise BadInputError(f"`workers` must be a whole number >= 0, got {run.workers!r}")
+        if self.method != "prune":  # refuse an unusable precision before the sweep, not after it
+            check_precision(self._finetune_config().precision, run.device, self._recipe())
         model = copy.deepcopy(model).to(run.device)
         model.eval()
-        before = evaluate(model, val, triggered, run.device)
+        before = evaluate(model, val, triggered, run.device, run.workers)
         out: dict = {"layer": None, "num_channels": 0, "pruned_channels": [], "timings": {}}
         if self.method != "fine-tune":
             choice, curve, k = self._prune(model, val, triggered, run)
@@ -156,26 +170,26 @@ class _Defense:
             out["finetune"], out["warnings"] = self._finetune(model, train_data, val, triggered, before, run)
             out["timings"]["fine-tune"] = out["finetune"].seconds
         return DefenseResult(method=self.method, model=model, before=before,
-                             after=evaluate(model, val, triggered, run.device),
+                             after=evaluate(model, val, triggered, run.device, run.workers),
                              threshold=self.threshold if self.method != "fine-tune" else None,
                              seconds=time.perf_counter() - t0, **out)
 
-    def _prune(self, model: nn.Module, val: TensorDataset, triggered: TriggeredSet | None,
+    def _prune(self, model: nn.Module, val: Dataset, triggered: TriggeredSet | None,
                run: RunOptions) -> tuple[LayerChoice, SweepCurve, int]:
-        x, y = tensors(val)
-        if x.shape[0] == 0:
+        if stream.num_samples(val) == 0:
             raise ValueError("the clean validation set is empty")
-        choice = find_prune_layer(model, x[:2].to(run.device), self.layer)
-        order = channel_order(self.criterion, model, choice.name, x, y, device=run.device, seed=run.seed)
-        curve = sweep(model, choice.name, x, y, triggered, mode=run.sweep_mode,
+        choice = find_prune_layer(model, stream.take(val, 2).to(run.device), self.layer)
+        order = channel_order(self.criterion, model, choice.name, val, None, device=run.device, seed=run.seed,
+                              workers=run.workers)
+        curve = sweep(model, choice.name, val, None, triggered, mode=run.sweep_mode,
                       device=run.device, progress=run.progress, budget_mb=run.budget_mb,
                       max_cache_mb=run.max_cache_mb, checkpoint_path=run.sweep_checkpoint_path,
-                      resume=run.resume, order=order, criterion=self.criterion)
+                      resume=run.resume, order=order, criterion=self.criterion, workers=run.workers)
         k = stop_point(curve.clean_correct, curve.num_clean, self.threshold, self.stop_rule)
         set_pruned(model, choice.name, curve.order[:k], choice.channels)
         return choice, curve, k
 
-    def _finetune(self, model: nn.Module, train_data: TensorDataset, val: TensorDataset,
+    def _finetune(self, model: nn.Module, train_data: Dataset, val: Dataset,
                   triggered: TriggeredSet | None, before: Metrics, run: RunOptions
                   ) -> tuple[TrainHistory, list[str]]:
         """Fine-tune in place, keeping the epoch with the best validation accuracy, under the
@@ -187,8 +201,8 @@ class _Defense:
         returns is worse than its own guard, and one learning rate that wrecks one network does
         not decide the result alone."""
         start = copy.deepcopy(model.state_dict())
-        cfg = self.finetune or copy.deepcopy(DEFAULT_FINETUNE)
-        extra = (lambda m: attack_metrics(m, triggered, run.device)[0]) if triggered is not None else None
+        cfg = self._finetune_config()
+        extra = (lambda m: attack_metrics(m, triggered, run.device, run.workers)[0]) if triggered is not None else None
         n = len(val)
         base = round(before.clean_acc * n)
         discarded: list[dict] = []
@@ -198,10 +212,10 @@ class _Defense:
             ckpt = run.checkpoint_path if run.checkpoint_path is None or not i else f"{run.checkpoint_path}.retry{i}"
             desc = f"fine-tune (retry {i}, lr {cfg.lr * factor:g})" if i else "fine-tune"
             hist = train(model, train_data, replace(cfg, lr=cfg.lr * factor), device=run.device, seed=run.seed,
-                         val_fn=lambda m: accuracy(m, val, run.device), extra_fn=extra, keep_best=True,
-                         progress=run.progress, desc=desc, checkpoint_path=ckpt, resume=run.resume,
-                         recipe=self._recipe())
-            best = round(accuracy(model, val, run.device) * n)
+                         val_fn=lambda m: accuracy(m, val, run.device, run.workers), extra_fn=extra,
+                         keep_best=True, progress=run.progress, desc=desc, checkpoint_path=ckpt,
+                         resume=run.resume, recipe=self._recipe(), workers=run.workers)
+            best = round(accuracy(model, val, run.device, run.workers) * n)
             if base - best <= self.threshold / 100.0 * n + 1e-9:
                 hist.attempts = discarded
                 return hist, [_retried(discarded, hist)] if discarded else []
@@ -236,7 +250,7 @@ class Pruning(_Defense):
     criterion: str = "activation"  # the pruning order: the paper's, or "clp", "anp" (defense.criteria)
     method = "prune"
 
-    def fit(self, model: nn.Module, clean_val: TensorDataset, triggered: TriggeredSet | None = None,
+    def fit(self, model: nn.Module, clean_val: Dataset, triggered: TriggeredSet | None = None,
             run: RunOptions | None = None) -> DefenseResult:
         return self._fit(model, None, clean_val, triggered, run)
 
@@ -250,9 +264,10 @@ class FineTuning(_Defense):
     threshold: float = DEFAULT_THRESHOLD
     lr_factors: tuple[float, ...] = LR_FACTORS
     recipe: str | Recipe = "plain"
+    precision: str | None = None  # "fp32", "bf16", "fp16" (fineprune.precision); None: finetune's own
     method = "fine-tune"
 
-    def fit(self, model: nn.Module, clean_train: TensorDataset, clean_val: TensorDataset,
+    def fit(self, model: nn.Module, clean_train: Dataset, clean_val: Dataset,
             triggered: TriggeredSet | None = None, run: RunOptions | None = None) -> DefenseResult:
         return self._fit(model, clean_train, clean_val, triggered, run)
 
@@ -268,17 +283,18 @@ class FinePruning(_Defense):
     recipe: str | Recipe = "plain"
     stop_rule: str = "paper"
     criterion: str = "activation"
+    precision: str | None = None  # "fp32", "bf16", "fp16" (fineprune.precision); None: finetune's own
     method = "fine-prune"
 
-    def fit(self, model: nn.Module, clean_train: TensorDataset, clean_val: TensorDataset,
+    def fit(self, model: nn.Module, clean_train: Dataset, clean_val: Dataset,
             triggered: TriggeredSet | None = None, run: RunOptions | None = None) -> DefenseResult:
         return self._fit(model, clean_train, clean_val, triggered, run)
 
 
 def defend(
     model: nn.Module,
-    clean_train: TensorDataset | None,
-    clean_val: TensorDataset,
+    clean_train: Dataset | None,
+    clean_val: Dataset,
     method: str = "fine-prune",
     *,
     triggered: TriggeredSet | None = None,
@@ -290,6 +306,7 @@ def defend(
     stop_rule: str = "paper",
     criterion: str = "activation",
     run: RunOptions | None = None,
+    precision: str | None = None,
 ) -> DefenseResult:
     """Run one defense by name ("fine-prune", "prune" or "fine-tune") on a copy of `model`.
 
@@ -301,7 +318,9 @@ def defend(
     of `fineprune.recipes.RECIPES`: "plain", the paper's, or "augment", "ft-sam", "fst", or a
     `Recipe`); `stop_rule`: "paper" or "bound" (see `stop_rule.stop_point`); `criterion`: the order
     channels are pruned in ("activation", the paper's; "clp", "anp": `defense.criteria`); `run`: how it runs
-    (RunOptions: nothing that changes the result).
+    (RunOptions: nothing that changes the result); `precision`: fine-tuning's arithmetic, "fp32"
+    (exact), "bf16" or "fp16" (mixed precision, `fineprune.precision`; None: `finetune`'s own, fp32 by
+    default; the sweep and all evaluation stay fp32; prune ignores it).
     """
     if method == "prune":
         return Pruning(threshold, layer, stop_rule, criterion).fit(model, clean_val, triggered, run)
@@ -310,6 +329,7 @@ def defend(
     if clean_train is None:
         raise ValueError(f"method {method!r} needs clean training data for fine-tuning")
     if method == "fine-tune":
-        return FineTuning(finetune, threshold, lr_factors, recipe).fit(model, clean_train, clean_val, triggered, run)
-    defense = FinePruning(threshold, layer, finetune, lr_factors, recipe, stop_rule, criterion)
+        defense = FineTuning(finetune, threshold, lr_factors, recipe, precision=precision)
+        return defense.fit(model, clean_train, clean_val, triggered, run)
+    defense = FinePruning(threshold, layer, finetune, lr_factors, recipe, stop_rule, criterion, precision=precision)
     return defense.fit(model, clean_train, clean_val, triggered, run)

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..runtime import atomic_path
 from .compact import anchor_of
-from .mask import clear_mask, keep_mask, masked_layers
+from .mask import clear_mask, keep_mask, masked_layers, module_channel_dim
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 
@@ -197,7 +197,8 @@ def bake_masks(model: nn.Module, example: torch.Tensor, *, real_inputs: torch.Te
             clear_mask(plain, layer)
         out_plain, seen = _capture(plain, list(masks), x)
         out_masked, _ = _capture(work, [], x)
-        live = {layer: _live(seen[layer], pruned) for layer, pruned in masks.items() if pruned}
+        live = {layer: _live(seen[layer].movedim(module_channel_dim(work.get_submodule(layer)), 1), pruned)
+                for layer, pruned in masks.items() if pruned}
     except Exception as exc:  # arbitrary models fail in many ways; report, never crash the run
         return done(False, f"the masks could not be baked into the weights ({_first_line(exc)})")
     res.max_abs_diff = max(_max_diff(ref, out_plain), _max_diff(ref, out_masked))

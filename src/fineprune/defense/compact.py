@@ -7,8 +7,9 @@ input channels (the next conv, or the Linear after a flatten), and, in a ResNet 
 that shares the residual channel.
 
 Removal is only exact when every tensor that loses the channel was zero there in the masked
-model. That holds for a plain CNN (mask after the last conv's ReLU) and for a layer inside a
-residual branch, but not for a ResNet stage's output: the mask zeroes the channel at the stage
+model. That holds for a plain CNN (mask after the last conv's ReLU), for a layer inside a
+residual branch and for a transformer MLP's hidden units (fc1's rows and bias and fc2's input
+columns go; the channels are the last dimension there), but not for a ResNet stage's output: the mask zeroes the channel at the stage
 output only, while inside the stage the same channel still feeds the next block. So every export
 is checked numerically against the masked model (float64, random and real inputs); when the
 outputs differ by more than `tol`, nothing is exported and the note says why.
@@ -32,7 +33,7 @@ from torch import nn
 from ..errors import BadInputError
 from ..io.model_files import load_into, load_weights, save_weights
 from .layer import trace_calls
-from .mask import clear_mask, keep_mask, pruned_channels
+from .mask import clear_mask, keep_mask, module_channel_dim, pruned_channels
 
 COMPACT_KEY = "fineprune.compact"
 _ANCHOR_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
@@ -80,8 +81,11 @@ def _tp():
 
 def anchor_of(model: nn.Module, layer: str, example: torch.Tensor, channels: int) -> str:
     """The last conv/linear/norm module, run at or before `layer` finishes, whose output carries the
-    same channels (dim 1 of size `channels`): the module whose output channels the cut starts from
-    (and whose per-channel parameters `bake.bake_masks` zeroes). Raises ValueError if none."""
+    same channels (dim 1 of size `channels`, or the last dim for a channels-last layer such as a
+    transformer MLP's hidden units, whose anchor is the MLP's first Linear): the module whose output
+    channels the cut starts from (and whose per-channel parameters `bake.bake_masks` zeroes).
+    Raises ValueError if none."""
+    cdim = module_channel_dim(model.get_submodule(layer))
     calls = trace_calls(model, example)
     end = next((i for i, c in enumerate(calls) if c.name == layer), None)
     if end is None:
@@ -89,7 +93,7 @@ def anchor_of(model: nn.Module, layer: str, example: torch.Tensor, channels: int
     for c in reversed(calls[: end + 1]):
         out = c.output
         if isinstance(c.module, _ANCHOR_TYPES) and isinstance(out, torch.Tensor) \
-                and out.dim() >= 2 and out.shape[1] == channels:
+                and out.dim() >= 2 and out.shape[cdim] == channels:
             return c.name
     raise ValueError(f"no convolution, linear or normalisation layer produces the {channels} channels "
                      f"of {layer!r}")

@@ -20,7 +20,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import Dataset, TensorDataset
 
+from ..data import stream
 from .layer import CHANNELWISE_TYPES, CONV_TYPES, trace_calls
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -35,14 +37,14 @@ _POOL_TYPES = (
 _UNFOLDABLE = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm)
 
 
-def activation_order(model: nn.Module, layer: str, clean_x: torch.Tensor, *,
-                     batch_size: int = 256, device: torch.device | None = None) -> list[int]:
+def activation_order(model: nn.Module, layer: str, clean_x: torch.Tensor | Dataset, *,
+                     batch_size: int = 256, device: torch.device | None = None, workers: int = 0) -> list[int]:
     """The paper's ranking (Liu et al., RAID 2018): channels by increasing mean activation of
     `layer`'s output on clean data, ties by index. This is what the sweep does when it is given
     no order; provided for comparison and for callers that want the list itself."""
     from .sweep import layer_means
 
-    means = layer_means(model, layer, clean_x, batch_size, device)
+    means = layer_means(model, layer, clean_x, batch_size, device, workers)
     return torch.sort(means, stable=True).indices.tolist()
 
 
@@ -164,10 +166,10 @@ def clp_order(model: nn.Module, layer: str, example: torch.Tensor) -> list[int]:
 
 
 def anp_mask(
-    model: nn.Module, layer: str, clean_x: torch.Tensor, clean_y: torch.Tensor, *,
+    model: nn.Module, layer: str, clean_x: torch.Tensor | Dataset, clean_y: torch.Tensor | None, *,
     iterations: int = 200, batch_size: int = 64, eps: float = 0.4, steps: int = 1,
     alpha: float = 0.2, lr: float = 0.2, momentum: float = 0.9, seed: int = 0,
-    device: torch.device | None = None,
+    device: torch.device | None = None, workers: int = 0,
 ) -> torch.Tensor:
     """The per-channel mask of ANP (Wu & Wang, "Adversarial Neuron Pruning Purifies Backdoored
     Deep Models", NeurIPS 2021), restricted to `layer`'s output channels.
@@ -179,8 +181,11 @@ def anp_mask(
     (clipped to [-eps, eps]), then one SGD step (lr 0.2, momentum 0.9, as the paper's code) on
     alpha * L(m) + (1 - alpha) * L(m + delta) w.r.t. m -- the paper's weighting: alpha on the
     natural loss -- and clips m to [0, 1]. Returns m (float32, on the CPU). Deterministic for a
-    seed on the CPU."""
-    if clean_x.shape[0] == 0:
+    seed on the CPU. The clean data: tensors, or a Dataset `clean_x` with `clean_y` None, read
+    through `stream` in the same shuffled order (`workers` DataLoader processes)."""
+    data = TensorDataset(clean_x, clean_y) if isinstance(clean_x, torch.Tensor) else clean_x
+    n = stream.num_samples(data)
+    if n == 0:
         raise ValueError("ANP needs clean data")
     device = device or next(model.parameters()).device
     net = copy.deepcopy(model).to(device).eval()
@@ -200,20 +205,24 @@ def anp_mask(
     handle = module.register_forward_hook(hook)
     try:
         with torch.no_grad():
-            net(clean_x[:1].to(device))
+            net(stream.take(data, 1).to(device))
         c = state["channels"]
         mask = torch.ones(c, device=device, requires_grad=True)
         delta = torch.zeros(c, device=device, requires_grad=True)
         state.update(mask=mask, delta=delta, noisy=False)
         opt = torch.optim.SGD([mask], lr=lr, momentum=momentum)
-        n = clean_x.shape[0]
-        perm, pos = torch.randperm(n, generator=gen), 0
+        pin = torch.device(device).type == "cuda"
+        # One shuffled pass after another, a batch per iteration; a new permutation is drawn only
+        # when the next batch is needed (the generator's draws stay in the order they always had).
+        batches = stream.iter_batches(data, batch_size, order=torch.randperm(n, generator=gen),
+                                      workers=workers, pin=pin)
         for _ in range(iterations):
-            if pos >= n:
-                perm, pos = torch.randperm(n, generator=gen), 0
-            idx = perm[pos: pos + batch_size]
-            pos += batch_size
-            x, y = clean_x[idx].to(device), clean_y[idx].to(device)
+            batch = next(batches, None)
+            if batch is None:
+                batches = stream.iter_batches(data, batch_size, order=torch.randperm(n, generator=gen),
+                                              workers=workers, pin=pin)
+                batch = next(batches)
+            x, y = batch[0].to(device), batch[1].to(device)
             # Step 1: the adversarial channel perturbation (maximise the loss).
             if eps > 0:
                 with torch.no_grad():
@@ -241,7 +250,7 @@ def anp_mask(
     return mask.detach().float().cpu()
 
 
-def anp_order(model: nn.Module, layer: str, clean_x: torch.Tensor, clean_y: torch.Tensor, *,
+def anp_order(model: nn.Module, layer: str, clean_x: torch.Tensor | Dataset, clean_y: torch.Tensor | None, *,
               seed: int = 0, device: torch.device | None = None, **options) -> list[int]:
     """ANP (Wu & Wang, NeurIPS 2021): channels by increasing learned mask value (`anp_mask`), ties
     by index. Channels whose small perturbation most raises the clean loss -- typical of backdoor
@@ -253,27 +262,28 @@ def anp_order(model: nn.Module, layer: str, clean_x: torch.Tensor, clean_y: torc
 Criterion = Callable[..., "list[int] | None"]
 
 
-def _activation(model, layer, clean_x, clean_y, *, device=None, seed=0):
+def _activation(model, layer, clean_x, clean_y, *, device=None, seed=0, workers=0):
     return None  # the sweep ranks by mean activation itself
 
 
-def _clp(model, layer, clean_x, clean_y, *, device=None, seed=0):
-    return clp_order(model, layer, clean_x[:2])
+def _clp(model, layer, clean_x, clean_y, *, device=None, seed=0, workers=0):
+    return clp_order(model, layer, stream.take(clean_x, 2))
 
 
-def _anp(model, layer, clean_x, clean_y, *, device=None, seed=0):
-    return anp_order(model, layer, clean_x, clean_y, seed=seed, device=device)
+def _anp(model, layer, clean_x, clean_y, *, device=None, seed=0, workers=0):
+    return anp_order(model, layer, clean_x, clean_y, seed=seed, device=device, workers=workers)
 
 
 CRITERIA: dict[str, Criterion] = {"activation": _activation, "clp": _clp, "anp": _anp}
 
 
-def channel_order(name: str, model: nn.Module, layer: str, clean_x: torch.Tensor,
-                  clean_y: torch.Tensor, *, device: torch.device | None = None,
-                  seed: int = 0) -> list[int] | None:
+def channel_order(name: str, model: nn.Module, layer: str, clean_x: torch.Tensor | Dataset,
+                  clean_y: torch.Tensor | None = None, *, device: torch.device | None = None,
+                  seed: int = 0, workers: int = 0) -> list[int] | None:
     """The pruning order of `layer`'s channels by criterion `name` (see `CRITERIA`), to pass as
     `sweep(..., order=..., criterion=name)`; None for "activation" (the sweep's own ranking).
-    `clean_x`, `clean_y`: the defender's clean validation data (CLP uses only its shape)."""
+    `clean_x`, `clean_y`: the defender's clean validation data (CLP uses only its shape), as
+    tensors or as a Dataset `clean_x` with `clean_y` None (`workers`: its DataLoader processes)."""
     if name not in CRITERIA:
         raise ValueError(f"unknown pruning criterion {name!r}; choose one of {', '.join(CRITERIA)}")
-    return CRITERIA[name](model, layer, clean_x, clean_y, device=device, seed=seed)
+    return CRITERIA[name](model, layer, clean_x, clean_y, device=device, seed=seed, workers=workers)

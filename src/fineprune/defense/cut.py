@@ -5,12 +5,22 @@ depends on `h` is the *head*; the values computed before the cut that the head n
 sometimes skip connections) are the *boundary*. `pre(x)` returns the boundary, `head(*boundary)`
 finishes the forward pass, so `head(*pre(x)) == model(x)` and a masked `h` can be fed to the head
 again and again without recomputing the expensive front of the network.
+
+A channels-last layer (a transformer MLP's hidden units, (B, T, H): see `layer`) crosses the cut as
+the view `h.movedim(-1, 1)` and the head moves it back first, so everything downstream (statistics,
+masks of the cached values, the head plan) sees channels at dim 1 whatever the layer's layout. In a
+transformer the boundary also carries the residual stream that the last block adds the MLP's
+output to; the replay from the boundary is the very computation of the full model.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import fx, nn
+
+from .layer import channel_dim_of
+from .mask import module_channel_dim
 
 
 class _LeafTracer(fx.Tracer):
@@ -42,15 +52,22 @@ def _trace(model: nn.Module, layer: str) -> fx.Graph:
 
 @dataclass
 class NetworkCut:
-    """`pre(x) -> boundary tuple` (h first) and `head(*boundary) -> logits`."""
+    """`pre(x) -> boundary tuple` (h first, channels at dim 1) and `head(*boundary) -> logits`;
+    `channel_dim` is where the layer itself keeps its channels (-1: moved to dim 1 at the cut)."""
 
     pre: fx.GraphModule
     head: fx.GraphModule
     num_boundary: int
+    channel_dim: int = 1
 
 
-def cut_at(model: nn.Module, layer: str) -> NetworkCut:
-    """Split `model` at the output of module `layer`; raises if the model cannot be traced."""
+def cut_at(model: nn.Module, layer: str, example: torch.Tensor | None = None) -> NetworkCut:
+    """Split `model` at the output of module `layer`; raises if the model cannot be traced.
+    The layer's channel dimension is its annotation (`mask.module_channel_dim`); with `example`
+    (one input on the model's device) an unannotated layer's layout is detected first."""
+    if example is not None:
+        channel_dim_of(model, layer, example)
+    channel_dim = module_channel_dim(model.get_submodule(layer))
     graph = _trace(model, layer)
     h_nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
     if len(h_nodes) != 1:
@@ -84,13 +101,18 @@ def cut_at(model: nn.Module, layer: str) -> NetworkCut:
         if n in after_h or n.op == "output":
             continue
         env[n] = pre_graph.node_copy(n, lambda a: env[a])
-    pre_graph.output(tuple(env[b] for b in boundary))
+    first = env[h]
+    if channel_dim != 1:
+        first = pre_graph.call_method("movedim", (first, channel_dim, 1))
+    pre_graph.output((first, *(env[b] for b in boundary[1:])))
 
     # Head: boundary values as inputs, then what follows h (constants copied as needed).
     head_graph = fx.Graph()
     henv: dict[fx.Node, fx.Node] = {}
     for i, b in enumerate(boundary):
         henv[b] = head_graph.placeholder(f"boundary_{i}")
+    if channel_dim != 1:
+        henv[h] = head_graph.call_method("movedim", (henv[h], 1, channel_dim))
 
     def copy_needed(n: fx.Node) -> fx.Node:
         if n not in henv:
@@ -109,4 +131,4 @@ def cut_at(model: nn.Module, layer: str) -> NetworkCut:
     for gm in (pre, head):
         gm.graph.eliminate_dead_code()
         gm.recompile()
-    return NetworkCut(pre=pre, head=head, num_boundary=len(boundary))
+    return NetworkCut(pre=pre, head=head, num_boundary=len(boundary), channel_dim=channel_dim)

@@ -6,6 +6,15 @@ activation, dropout, a residual add done in place). The chosen module is the out
 returns exactly that tensor and is called once per forward, so that ranking and masking act on the
 same tensor: in a ResNet this is the last residual stage (output after its ReLU), in a plain CNN the
 ReLU after the last conv.
+
+Transformers (ViT, DeiT, MLP-Mixer) have no such layer: their only convolution is the patch
+embedding at the *start*. When the last conv is followed by transformer blocks (attention modules
+and token MLPs, or several token MLPs as in a Mixer) the hidden units of the LAST block's MLP are
+chosen instead (the activation right after its first Linear, `blocks[-1].mlp.act` in timm): like
+the paper's last conv channels they are the network's last wide layer of learned features, and a
+backdoor that needs dedicated neurons can hide there. Their channels are the LAST dimension of the
+(batch, tokens, hidden) output; `LayerChoice.channel_dim` says so and the module is annotated
+(`channel_dim_of`), so masks, statistics, the cached sweep and the exports all use that dimension.
 """
 from __future__ import annotations
 
@@ -15,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import LayerNotFoundError
+from .mask import CHANNEL_DIM_ATTR
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Modules that keep the channel layout of their input (so the channels stay "the conv's channels").
@@ -26,17 +36,59 @@ CHANNELWISE_TYPES = (
 )
 
 
+# Element-wise modules allowed between an MLP's two Linears (a norm over the hidden units is not).
+_MLP_INNER_TYPES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.GELU, nn.SiLU, nn.Hardswish,
+    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish, nn.Dropout, nn.Dropout1d, nn.Identity,
+)
+_PASS_THROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
+# Why the module was chosen: a plain attribute (not in the state_dict, kept by deepcopy), so the
+# report can say it; the channel dimension is annotated likewise (`mask.CHANNEL_DIM_ATTR`).
+REASON_ATTR = "fineprune_layer_reason"
+
+
 @dataclass
 class LayerChoice:
-    """The module whose output is ranked and masked, and the shape of that output."""
+    """The module whose output is ranked and masked, the shape of that output, which dimension
+    holds its channels (1 for conv maps, -1 for a transformer MLP's (B, T, hidden) units) and why
+    it was chosen (shown in the report)."""
 
     name: str
     module: nn.Module
     output_shape: tuple[int, ...]
+    channel_dim: int = 1
+    reason: str = ""
 
     @property
     def channels(self) -> int:
-        return self.output_shape[1]
+        return self.output_shape[self.channel_dim]
+
+
+def channel_dim_of(model: nn.Module, layer: str, example: torch.Tensor | None = None) -> int:
+    """The dimension of `layer`'s output that holds its channels: the module's annotation (set by
+    `find_prune_layer` or `set_pruned(channel_dim=...)`); else, with `example`, detected from the
+    structure (`_layout`) and annotated; else 1 (channels first, as in a CNN)."""
+    module = model.get_submodule(layer)
+    dim = getattr(module, CHANNEL_DIM_ATTR, None)
+    if dim is not None:
+        return int(dim)
+    if example is None:
+        return 1
+    calls = trace_calls(model, example)
+    mine = [c for c in calls if c.name == layer]
+    dim = _layout(calls, mine[-1]) if mine else 1
+    setattr(module, CHANNEL_DIM_ATTR, dim)
+    return dim
+
+
+def layer_reason(model: nn.Module, layer: str | None) -> str | None:
+    """Why `find_prune_layer` chose `layer` (None when unknown, e.g. a model loaded from a file)."""
+    if layer is None:
+        return None
+    try:
+        return getattr(model.get_submodule(layer), REASON_ATTR, None)
+    except AttributeError:
+        return None
 
 
 @dataclass
@@ -87,8 +139,17 @@ def find_prune_layer(
 
     A model may declare its paper layer with a `prune_layer` attribute (e.g. the face network
     prunes conv3, whose pooled output feeds both conv4 and the classifier); `name` overrides it.
+    The chosen module is annotated with its channel dimension and the reason (see module docstring).
     """
-    if name is None and isinstance(getattr(model, "prune_layer", None), str):
+    choice = _find(model, example, name)
+    setattr(choice.module, CHANNEL_DIM_ATTR, choice.channel_dim)
+    setattr(choice.module, REASON_ATTR, choice.reason)
+    return choice
+
+
+def _find(model: nn.Module, example: torch.Tensor, name: str | None) -> LayerChoice:
+    declared = name is None and isinstance(getattr(model, "prune_layer", None), str)
+    if declared:
         name = model.prune_layer
     calls = trace_calls(model, example)
     counts: dict[str, int] = {}
@@ -112,7 +173,12 @@ def find_prune_layer(
             raise LayerNotFoundError(
                 f"module {name!r} does not output a (batch, channels, ...) tensor"
             )
-        return LayerChoice(name, modules[name], tuple(out.shape))
+        dim = _layout(calls, mine[0])
+        why = ("declared by the model (its `prune_layer` attribute)" if declared
+               else "named by the user (`layer`)")
+        if dim != 1:
+            why += "; its channels are the last dimension (units of a Linear applied to tokens)"
+        return LayerChoice(name, modules[name], tuple(out.shape), dim, why)
 
     conv_idx = [
         i for i, c in enumerate(calls)
@@ -124,6 +190,9 @@ def find_prune_layer(
             f"(`layer`=NAME). Modules with channel outputs: {_describe(calls)}"
         )
     start = conv_idx[-1]
+    mlp = _transformer_mlp(calls, start, counts)
+    if mlp is not None:
+        return mlp
     current = calls[start].output
     best = start
     for j in range(start + 1, len(calls)):
@@ -145,7 +214,90 @@ def find_prune_layer(
             f"the last conv feature map (after {calls[best].name}) is produced by a module that runs "
             f"several times per forward; name a layer explicitly. Candidates: {_describe(calls)}"
         )
-    return LayerChoice(chosen.name, chosen.module, tuple(current.shape))
+    why = f"last convolutional feature map: output of {calls[start].name}"
+    if chosen.name != calls[start].name:
+        why += " after its channel-wise operations"
+    return LayerChoice(chosen.name, chosen.module, tuple(current.shape), 1,
+                       why + ", as in the paper")
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower()
+
+
+def _mlp_hidden(calls: list[_Call], j: int, leaves: set[str]) -> int | None:
+    """If call j is the second Linear of an MLP on a token tensor (>= 3-D, features last) --
+    Linear -> activation (-> dropout / identity) -> Linear -- the index of the call whose output
+    is the hidden units: the last activation module on that path."""
+    fc2 = calls[j]
+    x = fc2.inputs[0] if fc2.inputs else None
+    if not isinstance(x, torch.Tensor) or x.dim() < 3:
+        return None
+    act = None
+    i = j
+    while True:
+        prev = max((p for p in range(i) if calls[p].name in leaves and calls[p].output is x), default=None)
+        if prev is None:
+            return None
+        c = calls[prev]
+        if isinstance(c.module, nn.Linear):
+            ok = act is not None and c.output.shape[-1] == fc2.module.in_features
+            return act if ok else None
+        if not isinstance(c.module, _MLP_INNER_TYPES) or not c.inputs:
+            return None
+        if act is None and not isinstance(c.module, _PASS_THROUGH):
+            act = prev
+        x, i = c.inputs[0], prev
+
+
+def _transformer_mlp(calls: list[_Call], start: int, counts: dict[str, int]) -> LayerChoice | None:
+    """The last block's MLP hidden units when transformer blocks follow the last conv (call index
+    `start`): an attention module and a token MLP run after it, or at least two token MLPs (an
+    MLP-Mixer's token and channel MLPs). A CNN's classifier MLP runs on (B, C) vectors, and a
+    ConvNeXt block's MLP comes after a conv inside the same block with no attention, so neither
+    counts. None when the model is not such a transformer."""
+    leaves = {c.name for c in calls if not list(c.module.children())}
+    after = range(start + 1, len(calls))
+    attention = any(_is_attention(calls[j].module) for j in after)
+    mlps = [(j, h) for j in after if isinstance(calls[j].module, nn.Linear) and calls[j].name in leaves
+            and (h := _mlp_hidden(calls, j, leaves)) is not None]
+    if not mlps or (not attention and len(mlps) < 2):
+        return None
+    for j, h in reversed(mlps):
+        c = calls[h]
+        if counts[c.name] != 1:
+            continue
+        fc2 = calls[j].name
+        why = (f"last transformer block's MLP hidden units (the activation before {fc2}): the only "
+               f"convolution, {calls[start].name}, embeds the input at the start, so no convolution "
+               "ends the feature extractor; channels are the last dimension (one per hidden unit, "
+               "over all tokens)")
+        return LayerChoice(c.name, c.module, tuple(c.output.shape), -1, why)
+    raise LayerNotFoundError(
+        "transformer blocks follow the last convolution, but their MLP activations run several times "
+        f"per forward; name the layer to prune (`layer`=NAME). Candidates: {_describe(calls)}")
+
+
+def _layout(calls: list[_Call], call: _Call) -> int:
+    """-1 when `call`'s output is a >= 3-D tensor whose values come from a Linear (through
+    element-wise modules): a Linear acts on the last dimension, so that is where the units are."""
+    out = call.output
+    if not isinstance(out, torch.Tensor) or out.dim() < 3:
+        return 1
+    if isinstance(call.module, nn.Linear):
+        return -1
+    leaves = {c.name for c in calls if not list(c.module.children())}
+    x, i = out, len(calls)
+    while True:
+        prev = max((p for p in range(i) if calls[p].name in leaves and calls[p].output is x), default=None)
+        if prev is None:
+            return 1
+        c = calls[prev]
+        if isinstance(c.module, nn.Linear):
+            return -1
+        if not isinstance(c.module, _MLP_INNER_TYPES) or not c.inputs:
+            return 1
+        x, i = c.inputs[0], prev
 
 
 def producer_chain(model: nn.Module, example: torch.Tensor, layer: str) -> list[tuple[str, nn.Module]]:

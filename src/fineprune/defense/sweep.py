@@ -36,14 +36,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ..data import stream
 from ..progress import Progress, as_progress
 from ..runtime import load_checkpoint, run_digest, save_checkpoint
 from .counting import Counter
 from .cut import NetworkCut, cut_at
 from .error_bounds import exact_float32
 from .head_plan import HeadPlan, plan_head
+from .layer import channel_dim_of
 from .mask import clear_mask, set_pruned
 
 log = logging.getLogger(__name__)
@@ -124,9 +127,11 @@ def _nbytes(values: list[torch.Tensor]) -> int:
 
 @dataclass
 class _Data:
-    """One data set to sweep: inputs, the label tensors to count against, and its progress."""
+    """One data set to sweep: inputs (a tensor, or a Dataset read by ranges through `stream`, so
+    only the bounded feature cache, never the inputs, has to fit in memory), the label tensors to
+    count against, and its progress."""
 
-    x: torch.Tensor
+    x: torch.Tensor | Dataset
     labels: list[torch.Tensor]
     sums: list[torch.Tensor] = field(default_factory=list)
     stored: list[torch.Tensor] | None = None  # prefixed boundary of samples [0, n_stored)
@@ -138,29 +143,33 @@ class _Front:
     """Runs the network's front and the head's prefix batch by batch."""
 
     def __init__(self, cut: NetworkCut, plan: HeadPlan, batch_size: int, device: torch.device,
-                 bar: tqdm) -> None:
+                 bar: tqdm, workers: int = 0) -> None:
         self.cut, self.plan, self.bs, self.device, self.bar = cut, plan, batch_size, device, bar
+        self.workers = workers
 
     @torch.inference_mode()
     def run(self, data: _Data, start: int, stop: int, out: list[torch.Tensor] | None,
             row0: int = 0) -> None:
         """Channel sums of samples [start, stop) go to `data.sums`; their prefixed boundary
         values into `out` (preallocated, rows from `row0`) when given."""
-        for i in range(start, stop, self.bs):
-            j = min(stop, i + self.bs)
-            boundary = self.cut.pre(data.x[i:j].to(self.device))
+        i = start
+        for xb in stream.iter_inputs(data.x, self.bs, start=start, stop=stop, workers=self.workers,
+                                     pin=self.device.type == "cuda"):
+            j = i + xb.shape[0]
+            boundary = self.cut.pre(xb.to(self.device))
             data.sums.append(_channel_sums(boundary[0]))
             if out is not None:
                 vals = [self.plan.prefix(boundary[0]), *boundary[1:]]
                 for o, v in zip(out, vals):
                     o[row0 + i - start : row0 + j - start] = v
             self.bar.update(j - i)
+            i = j
 
     @torch.inference_mode()
-    def shapes(self, x: torch.Tensor) -> tuple[int, int, list[tuple[torch.Size, torch.dtype]]]:
+    def shapes(self, x: torch.Tensor | Dataset) -> tuple[int, int, list[tuple[torch.Size, torch.dtype]]]:
         """Channels and positions per channel of h, and the per-sample shape and dtype of each
         cached value."""
-        boundary = self.cut.pre(x[:1].to(self.device))
+        boundary = self.cut.pre(stream.take(x, 1).to(self.device))
         vals = [self.plan.prefix(boundary[0]), *boundary[1:]]
         h = boundary[0]
         return h.shape[1], h[0].numel() // h.shape[1], [(v.shape[1:], v.dtype) for v in vals]
@@ -175,7 +184,7 @@ def _first_pass(sets: list[_Data], front: _Front, shapes: list, per_sample: int,
     all clean data; the triggered set's uncached rest waits for `_stream_rest`."""
     room = float("inf") if limit is None else limit
     for i, d in enumerate(sets):
-        n = d.x.shape[0]
+        n = stream.num_samples(d.x)
         fit = n if room == float("inf") else min(n, int(room // max(per_sample, 1)))
         fit = fit if fit == n else fit - fit % front.bs
         room -= fit * per_sample
@@ -192,7 +201,7 @@ def _stream_rest(sets: list[_Data], counters: list[Counter], front: _Front, shap
     `after_group()` runs after each group (the checkpoint)."""
     group = front.bs if limit is None else max(1, int(limit // max(per_sample, 1)) // front.bs) * front.bs
     for i, d in enumerate(sets):
-        n = d.x.shape[0]
+        n = stream.num_samples(d.x)
         for a in range(d.done, n, group):
             b = min(n, a + group)
             chunk = _alloc(shapes, b - a, front.device)
@@ -237,10 +246,15 @@ class _SweepCheckpoint:
             k.recomputed, k.evaluated, k.fast_samples = int(rec), int(ev), int(fast)
 
 
-def _sweep_key(model: nn.Module, layer: str, sets: list[_Data], settings: dict) -> str:
+def _sweep_key(model: nn.Module, layer: str, sets: list[_Data], settings: dict) -> str | None:
+    """The checkpoint's key: settings, weights, inputs and labels (inputs as `stream.key_tensors`:
+    tensors by their bytes, as before lazy datasets; None when a dataset has no fingerprint)."""
     tensors = [*model.state_dict().values()]
     for d in sets:
-        tensors += [d.x, *d.labels]
+        inputs = stream.key_tensors(d.x, inputs_only=True)
+        if inputs is None:
+            return None
+        tensors += [*inputs, *d.labels]
     return run_digest({"layer": layer, **settings}, tensors)
 
 
@@ -248,8 +262,8 @@ def _sweep_key(model: nn.Module, layer: str, sets: list[_Data], settings: dict) 
 def cached_sweep(
     model: nn.Module,
     layer: str,
-    x_clean: torch.Tensor,
-    y_clean: torch.Tensor,
+    x_clean: torch.Tensor | Dataset,
+    y_clean: torch.Tensor | None,
     triggered: "TriggeredSet | None" = None,
     *,
     batch_size: int = 256,
@@ -263,8 +277,13 @@ def cached_sweep(
     resume: bool = False,
     order: list[int] | None = None,
     criterion: str | None = None,
+    workers: int = 0,
 ) -> SweepCurve:
     """Sweep k = 0..C with the front of the network run once (see module docstring).
+
+    The clean data: inputs `x_clean` and labels `y_clean`, or a Dataset `x_clean` with `y_clean`
+    None (labels by `stream.labels_of`); a Dataset is read in ranges through `stream` (`workers`
+    DataLoader processes), so what is held is the bounded feature cache, not the inputs.
 
     `budget_mb` bounds the working memory of batched head calls; `max_cache_mb` bounds the cached
     features: what does not fit is recomputed in chunks after the ranking pass (no disk needed).
@@ -281,15 +300,17 @@ def cached_sweep(
     was_training = model.training
     model.eval()
     try:
-        cut = cut or cut_at(model, layer)
+        cut = cut or cut_at(model, layer, stream.take(x_clean, 1).to(device))
         plan = plan_head(cut)
+        if y_clean is None:
+            y_clean = stream.labels_of(x_clean, workers)
         sets = [_Data(x_clean, [y_clean])]
         if triggered is not None:
             sets.append(_Data(triggered.x, [triggered.y_target, triggered.y_true]))
-        total = sum(d.x.shape[0] for d in sets)
+        total = sum(stream.num_samples(d.x) for d in sets)
         progress = as_progress(progress)
         bar = progress.bar(total, "cache features", unit="img", leave=False)
-        front = _Front(cut, plan, batch_size, device, bar)
+        front = _Front(cut, plan, batch_size, device, bar, workers)
         channels, positions, shapes = front.shapes(x_clean)
         given = None if order is None else check_order(order, channels)
         per_sample = _nbytes([torch.empty(s, dtype=t) for s, t in shapes])
@@ -300,11 +321,15 @@ def cached_sweep(
             settings = {"batch_size": batch_size, "max_cache_mb": max_cache_mb, "fast": fast}
             if given is not None:  # absent by default: the key of an activation sweep is unchanged
                 settings["order"] = given.tolist()
-            ckpt = _SweepCheckpoint(checkpoint_path, _sweep_key(model, layer, sets, settings))
+            key = _sweep_key(model, layer, sets, settings)
+            if key is None:
+                stream.warn_unkeyed("the sweep's checkpoint")
+            else:
+                ckpt = _SweepCheckpoint(checkpoint_path, key)
         state = ckpt.load() if ckpt is not None and resume and ckpt.path.is_file() else None
         if state is None:
             _first_pass(sets, front, shapes, per_sample, limit)
-            means = (torch.stack(sets[0].sums).sum(0) / (sets[0].x.shape[0] * positions)).cpu()
+            means = (torch.stack(sets[0].sums).sum(0) / (stream.num_samples(sets[0].x) * positions)).cpu()
             order = torch.sort(means, stable=True).indices if given is None else given
         else:
             means, order = state["means"], state["order"]
@@ -320,7 +345,7 @@ def cached_sweep(
         else:
             _SweepCheckpoint.restore(state, sets, counters, device)
             kbar.update(sum(d.done for d in sets))
-        streaming = any(d.done < d.x.shape[0] for d in sets)
+        streaming = any(d.done < stream.num_samples(d.x) for d in sets)
         save = None
         if ckpt is not None and streaming:
             save = lambda: ckpt.save(sets, counters, means, order)  # noqa: E731
@@ -334,14 +359,14 @@ def cached_sweep(
             asr_hits, robust_hits = counters[1].result()
             if sets[1].sums:
                 trig_means = (torch.stack(sets[1].sums).sum(0)
-                              / (triggered.x.shape[0] * positions)).cpu().tolist()
+                              / (stream.num_samples(triggered.x) * positions)).cpu().tolist()
     finally:
         model.train(was_training)
     extra = {
         "fast_path": counters[0].fast_samples > 0, "prefix_ops": plan.prefix_ops,
         "recomputed": sum(k.recomputed for k in counters),
         "evaluated": sum(k.evaluated for k in counters),
-        "streamed_samples": sum(d.x.shape[0] - d.n_stored for d in sets),
+        "streamed_samples": sum(stream.num_samples(d.x) - d.n_stored for d in sets),
         "resumed": state is not None,
         "cache_mb": round(sum(d.n_stored for d in sets) * per_sample / 2**20, 3),
     }
@@ -357,16 +382,21 @@ def cached_sweep(
 
 @torch.inference_mode()
 def layer_means(
-    model: nn.Module, layer: str, x: torch.Tensor, batch_size: int = 256,
-    device: torch.device | None = None,
+    model: nn.Module, layer: str, x: torch.Tensor | Dataset, batch_size: int = 256,
+    device: torch.device | None = None, workers: int = 0,
 ) -> torch.Tensor:
-    """Per-channel mean activation of `layer`'s output over `x`, by a forward hook (one pass)."""
+    """Per-channel mean activation of `layer`'s output over the inputs `x` (a tensor or a
+    Dataset's inputs), by a forward hook (one pass). Channels-last outputs are viewed with
+    channels at dim 1, as the cut hands them to the cached sweep (see `cut`), so both rank
+    channels from bit-identical sums."""
     device = device or next(model.parameters()).device
     module = model.get_submodule(layer)
+    cdim = channel_dim_of(model, layer, stream.take(x, 1).to(device)) if stream.num_samples(x) else 1
     total: list[torch.Tensor] = []
     count = [0]
 
     def hook(m: nn.Module, i: tuple, o: torch.Tensor) -> None:
+        o = o.movedim(cdim, 1) if cdim != 1 else o
         dims = [d for d in range(o.dim()) if d != 1]
         total.append(o.double().sum(dim=dims))
         count[0] += o.numel() // o.shape[1]
@@ -375,8 +405,8 @@ def layer_means(
     was_training = model.training
     model.eval()
     try:
-        for i in range(0, x.shape[0], batch_size):
-            model(x[i : i + batch_size].to(device))
+        for xb in stream.iter_inputs(x, batch_size, workers=workers, pin=torch.device(device).type == "cuda"):
+            model(xb.to(device))
     finally:
         handle.remove()
         model.train(was_training)
@@ -387,8 +417,8 @@ def layer_means(
 def full_sweep(
     model: nn.Module,
     layer: str,
-    x_clean: torch.Tensor,
-    y_clean: torch.Tensor,
+    x_clean: torch.Tensor | Dataset,
+    y_clean: torch.Tensor | None,
     triggered: "TriggeredSet | None" = None,
     *,
     batch_size: int = 256,
@@ -396,17 +426,21 @@ def full_sweep(
     progress: bool | Progress = False,
     order: list[int] | None = None,
     criterion: str | None = None,
+    workers: int = 0,
 ) -> SweepCurve:
     """The usual protocol: for each k, mask and run the whole network. Slow but always works.
-    `order` / `criterion`: an explicit pruning order and its name, as in `cached_sweep`."""
+    `order` / `criterion`: an explicit pruning order and its name; the data (a Dataset with
+    `y_clean` None) and `workers`: as in `cached_sweep`."""
     from ..evaluation.metrics import predict
 
     t0 = time.perf_counter()
     device = device or next(model.parameters()).device
-    means = layer_means(model, layer, x_clean, batch_size, device)
+    if y_clean is None:
+        y_clean = stream.labels_of(x_clean, workers)
+    means = layer_means(model, layer, x_clean, batch_size, device, workers)
     given = None if order is None else check_order(order, means.numel())
     trig_means = (
-        layer_means(model, layer, triggered.x, batch_size, device).tolist()
+        layer_means(model, layer, triggered.x, batch_size, device, workers).tolist()
         if triggered is not None else None
     )
     curve_criterion = _criterion(order, criterion)
@@ -416,9 +450,9 @@ def full_sweep(
     try:
         for k in as_progress(progress).bar(c + 1, "sweep (full)", unit="k", iterable=range(c + 1), leave=False):
             set_pruned(model, layer, order[:k].tolist(), c)
-            clean_correct.append(int((predict(model, x_clean, batch_size, device) == y_clean).sum()))
+            clean_correct.append(int((predict(model, x_clean, batch_size, device, workers) == y_clean).sum()))
             if triggered is not None:
-                p = predict(model, triggered.x, batch_size, device)
+                p = predict(model, triggered.x, batch_size, device, workers)
                 asr_hits.append(int((p == triggered.y_target).sum()))
                 robust_hits.append(int((p == triggered.y_true).sum()))
     finally:
@@ -434,13 +468,16 @@ def full_sweep(
 
 
 def sweep(
-    model: nn.Module, layer: str, x_clean: torch.Tensor, y_clean: torch.Tensor,
+    model: nn.Module, layer: str, x_clean: torch.Tensor | Dataset, y_clean: torch.Tensor | None,
     triggered: "TriggeredSet | None" = None, *, mode: str = "auto", batch_size: int = 256,
     device: torch.device | None = None, progress: bool | Progress = False, budget_mb: float = 256.0,
     max_cache_mb: float | None = None, checkpoint_path: str | os.PathLike[str] | None = None,
     resume: bool = False, order: list[int] | None = None, criterion: str | None = None,
+    workers: int = 0,
 ) -> SweepCurve:
     """Cached sweep when the model can be cut at `layer`, else the full protocol (`mode="auto"`).
+    The clean data: tensors (`x_clean`, `y_clean`), or any Dataset `x_clean` with `y_clean` None,
+    read through `fineprune.data.stream` by `workers` DataLoader processes (same curve).
     `budget_mb`: working memory of batched head calls; `max_cache_mb`: bound on cached features;
     `checkpoint_path` / `resume`: the streaming phase's checkpoint (see `cached_sweep`);
     `order` / `criterion`: an explicit pruning order replacing the activation ranking, and its
@@ -449,7 +486,8 @@ def sweep(
         raise ValueError(f"sweep mode must be auto, cached or full, not {mode!r}")
     if mode in ("auto", "cached"):
         try:
-            cut = cut_at(model, layer)
+            example = stream.take(x_clean, 1).to(device or next(model.parameters()).device)
+            cut = cut_at(model, layer, example)
         except Exception as exc:  # torch.fx raises many kinds of errors on untraceable code
             if mode == "cached":
                 raise
@@ -458,6 +496,6 @@ def sweep(
             return cached_sweep(model, layer, x_clean, y_clean, triggered, batch_size=batch_size,
                                 device=device, budget_mb=budget_mb, max_cache_mb=max_cache_mb,
                                 progress=progress, cut=cut, checkpoint_path=checkpoint_path, resume=resume,
-                                order=order, criterion=criterion)
+                                order=order, criterion=criterion, workers=workers)
     return full_sweep(model, layer, x_clean, y_clean, triggered, batch_size=batch_size,
-                      device=device, progress=progress, order=order, criterion=criterion)
+                      device=device, progress=progress, order=order, criterion=criterion, workers=workers)

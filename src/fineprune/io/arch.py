@@ -5,11 +5,17 @@ chose, never code shipped inside the file. The spec names that code in one of th
 
 * ``torchvision:NAME`` -- ``torchvision.models.get_model(NAME, weights=None, num_classes=...)``
   (``weights=None``: nothing is downloaded);
+* ``timm:NAME`` or ``timm:NAME,key=value,...`` -- ``timm.create_model(NAME, pretrained=False,
+  num_classes=..., key=value, ...)`` (the optional extra ``fineprune[timm]``; ``pretrained=False``:
+  nothing is downloaded, the user's file supplies every weight). The keys are the model's own
+  constructor arguments, e.g. ``timm:vit_tiny_patch16_224,img_size=32,patch_size=8`` for a ViT
+  trained on 32x32 images; values are Python literals (never evaluated as code);
 * ``package.module:function`` -- an import path to a factory (or class) of the user's own;
 * a built-in name registered with :func:`register_arch` (e.g. ``demo-cnn``).
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
 import inspect
@@ -24,7 +30,11 @@ __all__ = ["BUILTIN", "register_arch", "build_arch", "SPEC_FORMS"]
 BUILTIN: dict[str, Callable[..., nn.Module]] = {}
 """Built-in architectures by normalised name; filled by :func:`register_arch`."""
 
-SPEC_FORMS = "torchvision:NAME (e.g. torchvision:resnet18) or an import path package.module:function"
+SPEC_FORMS = ("torchvision:NAME (e.g. torchvision:resnet18), timm:NAME[,key=value...] "
+              "(e.g. timm:vit_tiny_patch16_224,img_size=32) or an import path package.module:function")
+# timm arguments that would fetch or read weights other than the user's file.
+_TIMM_FORBIDDEN = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
+                   "cache_dir", "num_classes", "in_chans")
 
 # Modules imported on first built-in lookup so their @register_arch decorators have run.
 _BUILTIN_PROVIDERS = ("fineprune.models",)
@@ -69,6 +79,9 @@ def build_arch(spec: str, num_classes: int, in_channels: int | None = None) -> n
     if spec.lower().startswith("torchvision:"):
         model = _torchvision(spec.split(":", 1)[1].strip(), num_classes)
         takes_channels = False
+    elif spec.lower().startswith("timm:"):
+        model = _timm(spec.split(":", 1)[1].strip(), num_classes, in_channels)
+        takes_channels = in_channels is not None
     elif ":" in spec:
         factory = _import_factory(spec)
         model, takes_channels = _call(factory, spec, num_classes, in_channels)
@@ -91,6 +104,51 @@ def _torchvision(name: str, num_classes: int) -> nn.Module:
         return torchvision.models.get_model(name.lower(), weights=None, num_classes=num_classes)
     except (TypeError, ValueError) as e:
         raise BadInputError(f"torchvision:{name} cannot be built with num_classes={num_classes}: {e}") from e
+
+
+def _timm_kwargs(parts: list[str], spec: str) -> dict[str, Any]:
+    """`key=value` pairs of a timm spec; values are literals (ast.literal_eval, else the string)."""
+    kwargs: dict[str, Any] = {}
+    for part in parts:
+        key, eq, raw = (t.strip() for t in part.partition("="))
+        if not eq or not key.isidentifier():
+            raise BadInputError(f"malformed `arch` {spec!r}: {part!r} is not key=value; "
+                                "expected timm:NAME,key=value,...")
+        if key in _TIMM_FORBIDDEN:
+            raise BadInputError(f"`arch` {spec!r}: {key} cannot be set here (the weights come from the "
+                                "model file only, and `num_classes` / the data set the class and "
+                                "channel counts)")
+        try:
+            kwargs[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            kwargs[key] = raw
+    return kwargs
+
+
+def _timm(body: str, num_classes: int, in_channels: int | None) -> nn.Module:
+    """A timm architecture, randomly initialised (never pretrained: no download); the caller
+    loads the user's weights into it through the same safe path as every other arch."""
+    spec = f"timm:{body}"
+    try:
+        import timm
+    except ImportError:
+        raise BadInputError(f"`arch` {spec!r} needs timm, which is not installed: "
+                            "pip install 'fineprune[timm]'") from None
+    name, *rest = (t.strip() for t in body.split(","))
+    kwargs = _timm_kwargs([r for r in rest if r], spec)
+    arch_name = timm.models.split_model_name_tag(name)[0] if name else ""
+    if not arch_name or not timm.is_model(arch_name):
+        known = timm.list_models()
+        close = difflib.get_close_matches(arch_name.lower(), known, n=5, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
+        raise BadInputError(f"unknown timm model {name!r} in `arch`; {hint}")
+    if in_channels is not None:
+        kwargs["in_chans"] = in_channels
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise BadInputError(f"`arch` {spec!r} cannot be built with num_classes={num_classes} and "
+                            f"{kwargs or 'no arguments'}: {e}") from e
 
 
 def _import_factory(spec: str) -> Callable[..., Any]:

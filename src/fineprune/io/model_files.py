@@ -185,7 +185,7 @@ def load_into(model: nn.Module | None, loaded: LoadedModel, strict: bool = True)
     if model is None or loaded.state_dict is None:
         raise BadInputError(
             f"{label}: an architecture is needed to use these {loaded.format} weights; name it with `arch` "
-            "(a built-in name, torchvision:NAME or package.module:function)"
+            "(a built-in name, torchvision:NAME, timm:NAME or package.module:function)"
         )
     sd = loaded.state_dict
     expected = model.state_dict()

@@ -14,15 +14,18 @@ from pathlib import Path
 
 import torch
 
+from ..data import stream
 from ..data.splits import holdout
-from ..data.types import tensors
 from ..defense.api import LR_FACTORS, DefenseResult, RunOptions, defend, parse_lr_factors
 from ..defense.bake import BakeResult, TraceResult, bake_masks, trace_masked
 from ..defense.compact import CompactResult, compact_model
 from ..errors import BadInputError
 from ..evaluation.metrics import TriggeredSet, accuracy
 from ..io.model_files import load_weights
+from ..io.onnx_export import OnnxExport, export_onnx
+from ..precision import check_precision
 from ..progress import Progress, as_progress
+from ..recipes import get_recipe
 from ..runtime import pick_device, seed_everything
 from .inputs import DataInput, Preprocessing, TaskSource, load_input, load_triggered, relabel_by_name
 from .job import DefendJob
@@ -37,10 +40,11 @@ from .outdir import (
 )
 from .outputs import TORCHSCRIPT_NAME, write_outputs
 from .provenance import versions
-from .record import RunRecord, model_json
+from .record import COMPACT_ONNX_NAME, ONNX_NAME, RunRecord, model_json
 from .sanity import accuracy_warnings, chance_level, check_labels, check_val_classes
 
 PHASES = 6
+ONNX_CHECK_SAMPLES = 256  # validation inputs an ONNX export is checked on (onnxruntime vs PyTorch)
 
 
 @dataclass
@@ -60,7 +64,7 @@ class DefendFilesResult:
 
 
 def _same_shape(a: DataInput, b: DataInput) -> None:
-    sa, sb = tuple(tensors(a.dataset)[0].shape[1:]), tuple(tensors(b.dataset)[0].shape[1:])
+    sa, sb = stream.sample_shape(a.dataset), stream.sample_shape(b.dataset)
     if sa != sb:
         raise BadInputError(f"{b.source} has inputs of shape {sb} but {a.source} has {sa}; give both "
                             "in the same layout (or pass `input_size` H W to resize images)")
@@ -103,6 +107,8 @@ def defend_files(job: DefendJob, *, progress: bool | Progress = False) -> Defend
     check_out_dir(job.out, job.force, bool(job.resume))
     seed_everything(job.seed)
     device = pick_device(job.device)
+    if job.method != "prune":  # an unusable precision is refused before any work
+        check_precision(job.precision, device, get_recipe(job.recipe))
 
     say(f"[1/{PHASES}] reading the model file {job.model}")
     loaded = load_weights(job.model)  # refuses unsafe pickles before anything else happens
@@ -116,7 +122,7 @@ def defend_files(job: DefendJob, *, progress: bool | Progress = False) -> Defend
     clean = load_input(job.data, prep, "clean", tasks)
     classes = clean.class_names
     val = relabel_by_name(load_input(job.val, prep, "validation", tasks), classes) if job.val else None
-    labels = [tensors(d.dataset)[1] for d in (clean, val) if d is not None]
+    labels = [stream.labels_of(d.dataset) for d in (clean, val) if d is not None]
     top = max(int(y.max()) for y in labels) + 1
     num_classes = int(job.num_classes) if job.num_classes else max(len(classes), top)
     nc_from = "`num_classes`" if job.num_classes else "the clean data's classes"
@@ -127,26 +133,28 @@ def defend_files(job: DefendJob, *, progress: bool | Progress = False) -> Defend
             _same_shape(clean, d)
     for d in (clean, val, trig_in):
         if d is not None:
-            check_labels(tensors(d.dataset)[1], num_classes, d.source)
+            check_labels(stream.labels_of(d.dataset), num_classes, d.source)
     if triggered is not None:
         check_labels(triggered.y_target, num_classes, f"{job.triggered} (targets)")
-    x_clean = tensors(clean.dataset)[0]
+    x_clean = stream.take(clean.dataset, 2)  # examples: shapes, checks, tracing (not the whole set)
     in_channels = int(x_clean.shape[1])
     model = build_model(job.arch, num_classes, in_channels, loaded, expected_channels)
     check_outputs(model, x_clean, num_classes)
     train_ds, val_ds, split = _split(job, clean, val)
-    check_val_classes(tensors(val_ds)[1], (val or clean).source)
+    check_val_classes(stream.labels_of(val_ds), (val or clean).source)
     timings["load"] = time.perf_counter() - t0
 
     say(f"[3/{PHASES}] checking the model on the clean data")
     t0 = time.perf_counter()
-    acc0 = accuracy(model, val_ds, device)
-    y_val = tensors(val_ds)[1]
+    acc0 = accuracy(model, val_ds, device, job.workers or 0)
+    y_val = stream.labels_of(val_ds)
     warnings = accuracy_warnings(acc0, y_val, job.threshold)
     if job.method == "fine-tune" and job.layer:
         warnings.append("`layer` is ignored by `method` fine-tune (nothing is pruned)")
     if job.method == "prune" and job.recipe != "plain":
         warnings.append(f"`recipe` {job.recipe} is ignored by `method` prune (nothing is fine-tuned)")
+    if job.method == "prune" and job.precision != "fp32":
+        warnings.append(f"`precision` {job.precision} is ignored by `method` prune (nothing is fine-tuned)")
     if job.method == "fine-tune":
         if job.criterion != "activation":
             warnings.append(f"`criterion` {job.criterion} is ignored by `method` fine-tune (nothing is pruned)")
@@ -159,7 +167,7 @@ def defend_files(job: DefendJob, *, progress: bool | Progress = False) -> Defend
 
     say(f"[4/{PHASES}] running {job.method} on {device}")
     options = RunOptions(device=device, seed=job.seed, progress=progress, resume=bool(job.resume),
-                         max_cache_mb=job.max_cache_mb,
+                         max_cache_mb=job.max_cache_mb, workers=job.workers or 0,
                          checkpoint_path=None if job.method == "prune" else Path(job.out).expanduser() / CHECKPOINT_NAME,
                          sweep_checkpoint_path=None if job.method == "fine-tune"
                          else Path(job.out).expanduser() / SWEEP_CHECKPOINT_NAME)
@@ -177,12 +185,12 @@ def defend_files(job: DefendJob, *, progress: bool | Progress = False) -> Defend
     if job.compact and result.method != "fine-tune":
         say(f"[5/{PHASES}] compact export (removing the pruned channels)")
         compact = compact_model(result.model, result.layer, x_clean[:1],
-                                real_inputs=tensors(val_ds)[0][:16], seed=job.seed)
+                                real_inputs=stream.take(val_ds, 16), seed=job.seed)
         timings["compact"] = compact.seconds
         say(f"    {'exported' if compact.exported else 'skipped'}: {compact.note}")
     else:
         say(f"[5/{PHASES}] compact export: not applicable")
-    plain, traced = _plain_load(result, x_clean, tensors(val_ds)[0], triggered, job.seed, timings)
+    plain, traced = _plain_load(result, x_clean, stream.take(val_ds, 16), triggered, job.seed, timings)
     if result.layer is not None:
         if plain.baked:
             say(f"    plain loading: model.safetensors is defended without fineprune too ({plain.note})")
@@ -193,6 +201,15 @@ def defend_files(job: DefendJob, *, progress: bool | Progress = False) -> Defend
                 + (f"{TORCHSCRIPT_NAME} (mask inside)" if traced is not None and traced.exported
                    else f"no TorchScript file ({traced.note if traced is not None else 'not attempted'})")
                 + (", model-compact.safetensors" if compact is not None and compact.exported else ""))
+
+    onnx = _onnx_exports(result, plain, compact, stream.take(val_ds, ONNX_CHECK_SAMPLES), timings) \
+        if job.export == "onnx" else {}
+    for name, exp in onnx.items():
+        if exp.exported:
+            say(f"    {name}: {exp.note}")
+        else:
+            warnings.append(f"{name} was not written: {exp.note}")
+            say(f"warning: {warnings[-1]}")
 
     out = prepare_out_dir(job.out, job.force)
     say(f"[6/{PHASES}] writing {out}")
@@ -210,7 +227,7 @@ def defend_files(job: DefendJob, *, progress: bool | Progress = False) -> Defend
         split=split, preprocessing=prep.to_dict(), sanity={"clean_acc_before": round(acc0, 6), "chance": round(chance_level(y_val), 6)},
         device=str(device), created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         versions=versions(), command=job.command_line(), warnings=warnings, timings=timings,
-        plain=plain, torchscript=traced)
+        plain=plain, torchscript=traced, onnx=onnx)
     files = write_outputs(out, run)
     for f in out.iterdir():  # the run is complete: nothing left to resume
         if is_checkpoint_file(f):
@@ -221,12 +238,25 @@ def defend_files(job: DefendJob, *, progress: bool | Progress = False) -> Defend
                              warnings=warnings, files=files, plain=plain, torchscript=traced)
 
 
+def _onnx_exports(result: DefenseResult, plain: BakeResult, compact: CompactResult | None,
+                  x_val: torch.Tensor, timings: dict[str, float]) -> dict[str, OnnxExport]:
+    """model.onnx: the model model.safetensors holds (the baked copy where baking was exact; the
+    masks are inside the graph either way); model-compact.onnx: the compact model, where one was
+    exported. Each is checked with onnxruntime on the validation inputs."""
+    models = {ONNX_NAME: plain.model if plain.baked and plain.model is not None else result.model}
+    if compact is not None and compact.exported and compact.model is not None:
+        models[COMPACT_ONNX_NAME] = compact.model
+    out = {name: export_onnx(model, x_val) for name, model in models.items()}
+    timings["onnx"] = sum(e.seconds for e in out.values())
+    return out
+
+
 def _plain_load(result: DefenseResult, x_clean: torch.Tensor, x_val: torch.Tensor,
                 triggered: TriggeredSet | None, seed: int,
                 timings: dict[str, float]) -> tuple[BakeResult, TraceResult | None]:
     """Bake the masks into the weights where that is exact (checked on random, clean and
     triggered inputs); where it is not, trace the masked model to TorchScript instead."""
-    real = [x_val[:16]] + ([triggered.x[:16]] if triggered is not None and len(triggered) else [])
+    real = [x_val[:16]] + ([stream.take(triggered.x, 16)] if triggered is not None and len(triggered) else [])
     real_inputs = torch.cat([r.detach().cpu().float() for r in real])
     plain = bake_masks(result.model, x_clean[:1], real_inputs=real_inputs, seed=seed)
     timings["bake"] = plain.seconds

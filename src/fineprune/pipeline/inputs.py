@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
+from ..data import stream
 from ..data.generic import load_data
-from ..data.types import TaskData, make_dataset, tensors
+from ..data.types import TaskData, make_dataset
 from ..errors import BadInputError
 from ..evaluation.metrics import TriggeredSet
 from .provenance import sha256_path
@@ -59,6 +60,10 @@ class Preprocessing:
             x = (x - mean) / std
         return x
 
+    def per_item(self, source: str) -> ItemPreprocessing:
+        """This preprocessing as a lazy dataset's per-item transform."""
+        return ItemPreprocessing(self, source)
+
     def to_dict(self) -> dict:
         return {"mean": self.mean, "std": self.std,
                 "input_size": list(self.input_size) if self.input_size else None,
@@ -67,10 +72,25 @@ class Preprocessing:
 
 
 @dataclass
-class DataInput:
-    """One loaded input set and where it came from."""
+class ItemPreprocessing:
+    """`Preprocessing.apply` on one decoded item (a batch of one: the same arithmetic per sample as
+    on a whole TensorDataset, so lazy and eager inputs are equal bit for bit). A dataclass, so it
+    pickles into DataLoader workers and its repr (without `source`) keys a lazy folder's
+    fingerprint."""
 
-    dataset: TensorDataset
+    prep: Preprocessing
+    source: str = field(default="", repr=False, compare=False)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prep.apply(x[None], self.source)[0]
+
+
+@dataclass
+class DataInput:
+    """One loaded input set and where it came from. `dataset`: a TensorDataset (.npz, task:NAME)
+    or a lazy folder dataset (decoded and preprocessed per item, see `data.generic`)."""
+
+    dataset: Dataset
     class_names: list[str]
     source: str
     sha256: str | None
@@ -79,9 +99,8 @@ class DataInput:
     groups: torch.Tensor | None = None  # near-duplicate groups (task:traffic tracks): hold out whole groups
 
     def describe(self) -> dict:
-        x, y = tensors(self.dataset)
-        return {"path": self.source, "sha256": self.sha256, "samples": int(y.shape[0]),
-                "input_shape": list(x.shape[1:]), **self.info}
+        return {"path": self.source, "sha256": self.sha256, "samples": len(self.dataset),
+                "input_shape": list(stream.sample_shape(self.dataset)), **self.info}
 
 
 class TaskSource:
@@ -117,7 +136,9 @@ class TaskSource:
 
 
 def load_input(spec: str | Path, prep: Preprocessing, role: str, tasks: TaskSource) -> DataInput:
-    """Load `spec` (an .npz, an image or wav folder, or `task:NAME`) and preprocess it."""
+    """Load `spec` (an .npz, an image or wav folder, or `task:NAME`) and preprocess it. A folder
+    is read lazily (files listed now, each decoded and preprocessed when read, in DataLoader
+    workers); its first item is decoded here, so a preprocessing mistake fails now, not mid-run."""
     text, task = str(spec), task_ref(spec)
     if task is not None:
         ds, names, info, groups = tasks.clean(task)
@@ -127,15 +148,21 @@ def load_input(spec: str | Path, prep: Preprocessing, role: str, tasks: TaskSour
         mode = {"rgb": "RGB", "grey": "L"}.get(prep.image_mode or "")
         opts = {"size": prep.input_size, "mode": mode, "length": prep.audio_length,
                 "sample_rate": prep.sample_rate}
+        lazy = path.is_dir()
         try:
-            ds, names = load_data(path, **opts)
+            ds, names = load_data(path, lazy=lazy, transform=prep.per_item(f"{role} data {text}") if lazy else None,
+                                  **opts)
+            if lazy:
+                stream.sample_shape(ds)  # decode and preprocess one item now: errors before the long phases
         except BadInputError as exc:
             raise BadInputError(f"{role} data: {exc}") from None
         sha, folder, info, groups = sha256_path(path), path.is_dir(), {}, None
         skipped = getattr(ds, "skipped", 0)
         if skipped:
             info["skipped_unreadable_files"] = int(skipped)
-    x, y = tensors(ds)
+        if lazy:
+            return DataInput(ds, list(names), text, sha, folder, info, groups)
+    x, y = ds.tensors
     x = prep.apply(x, f"{role} data {text}")
     return DataInput(make_dataset(x, y), list(names), text, sha, folder, info, groups)
 
@@ -150,10 +177,13 @@ def relabel_by_name(data: DataInput, classes: list[str]) -> DataInput:
     if unknown:
         raise BadInputError(f"{data.source}: class folder(s) {unknown[:5]} are not classes of the clean "
                             f"data ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})")
-    x, y = tensors(data.dataset)
     mapping = torch.tensor([index[n] for n in data.class_names], dtype=torch.long)
-    return DataInput(make_dataset(x, mapping[y]), list(classes), data.source, data.sha256,
-                     data.from_folder, data.info)
+    if isinstance(data.dataset, TensorDataset):
+        x, y = data.dataset.tensors
+        ds: Dataset = make_dataset(x, mapping[y])
+    else:
+        ds = data.dataset.relabel(mapping)  # a lazy folder: its labels, not its files, change
+    return DataInput(ds, list(classes), data.source, data.sha256, data.from_folder, data.info)
 
 
 def resolve_target(target: int | str, classes: list[str], num_classes: int) -> int:
@@ -195,7 +225,8 @@ def load_triggered(spec: str | Path, target: int | str | None, prep: Preprocessi
         raise BadInputError("`triggered` needs `target`: the label the attack sends triggered inputs to")
     data = relabel_by_name(load_input(spec, prep, "triggered", tasks), classes)
     t = resolve_target(target, classes, num_classes)
-    x, y = tensors(data.dataset)
+    y = stream.labels_of(data.dataset)
+    x = data.dataset.tensors[0] if isinstance(data.dataset, TensorDataset) else data.dataset
     trig = TriggeredSet(x, y, torch.full_like(y, t))
     if len(trig) == 0:
         raise BadInputError(f"{data.source}: every triggered input is labelled {t} (the target); "

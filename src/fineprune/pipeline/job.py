@@ -14,12 +14,15 @@ from ..defense.api import DEFAULT_FINETUNE, METHODS, format_lr_factors, parse_lr
 from ..defense.criteria import CRITERIA
 from ..defense.stop_rule import DEFAULT_THRESHOLD, STOP_RULES, check_threshold
 from ..errors import BadInputError
+from ..precision import PRECISIONS
 from ..recipes import RECIPES
 from ..training import TrainConfig
 from .inputs import task_ref
 
 # Options added after the first runs: spelled out in command lines only when not the paper's.
-_PAPER_DEFAULTS = {"recipe": "plain", "criterion": "activation", "stop_rule": "paper"}
+_PAPER_DEFAULTS = {"recipe": "plain", "criterion": "activation", "stop_rule": "paper", "precision": "fp32"}
+#: What `export` can write besides the safetensors files.
+EXPORTS = ("onnx",)
 
 
 @dataclass
@@ -66,6 +69,9 @@ class DefendJob:
     compact: bool = True
     resume: bool = False  # continue from the checkpoints an interrupted run left in `out`
     max_cache_mb: float | None = None  # bound on the sweep's cached features (None: keep them all)
+    workers: int | None = None  # DataLoader processes decoding folder data (None: 0, the main process)
+    precision: str = "fp32"  # fine-tuning arithmetic: fp32, bf16 or fp16 (fineprune.precision)
+    export: str | None = None  # "onnx": also model.onnx (and model-compact.onnx), checked with onnxruntime
 
     def validate(self) -> "DefendJob":
         """Raise BadInputError (one line, with the fix) for any unusable option; return self."""
@@ -88,6 +94,9 @@ class DefendJob:
             if not 0 < mb < float("inf"):
                 raise BadInputError(f"`max_cache_mb` must be a positive number of MiB, got {self.max_cache_mb!r}")
             self.max_cache_mb = mb
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 0):
+            raise BadInputError(f"`workers` must be a whole number >= 0, got {self.workers!r}")
         if self.num_classes is not None and int(self.num_classes) < 2:
             raise BadInputError(f"`num_classes` must be at least 2, got {self.num_classes}")
         self._check_normalisation()
@@ -120,6 +129,14 @@ class DefendJob:
             self.lr_factors = format_lr_factors(parse_lr_factors(self.lr_factors))
         if not isinstance(self.stop_rule, str) or self.stop_rule not in STOP_RULES:
             raise BadInputError(f"`stop_rule` must be one of {', '.join(STOP_RULES)}, not {self.stop_rule!r}")
+        if not isinstance(self.precision, str) or self.precision not in PRECISIONS:
+            raise BadInputError(f"`precision` must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.export is not None and self.export not in EXPORTS:
+            raise BadInputError(f"`export` must be one of {', '.join(EXPORTS)}, not {self.export!r}")
+        if self.export == "onnx":
+            from ..io.onnx_export import require_onnx
+
+            require_onnx()  # fail before any work, not after the defense
         return self
 
     def _check_normalisation(self) -> None:
@@ -147,7 +164,7 @@ class DefendJob:
                 base = spec.finetune
         overrides = {k: getattr(self, k) for k in ("epochs", "lr", "batch_size", "optimizer")
                      if getattr(self, k) is not None}
-        return dataclasses.replace(base, **overrides)
+        return dataclasses.replace(base, **overrides, precision=self.precision)
 
     def command_line(self) -> str:
         """An equivalent `fineprune defend` command (every effective option spelled out; the

@@ -15,7 +15,8 @@ SWEEP_CHECKPOINT_NAME = ".fineprune-sweep.ckpt"
 _CHECKPOINTS = (CHECKPOINT_NAME, SWEEP_CHECKPOINT_NAME)
 
 OUTPUT_FILES = ("model.safetensors", "model.json", "metrics.json", "sweep.csv", "pruning_curve.png",
-                "report.html", "model-compact.safetensors", "model-masked.torchscript.pt")
+                "report.html", "model-compact.safetensors", "model-masked.torchscript.pt", "model.onnx",
+                "model-compact.onnx")
 
 
 def is_checkpoint_file(p: Path) -> bool:

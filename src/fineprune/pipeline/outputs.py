@@ -6,6 +6,7 @@ from pathlib import Path
 from ..defense.bake import save_torchscript
 from ..defense.compact import save_compact
 from ..defense.persist import save_pruned
+from ..io.onnx_export import save_onnx
 from ..report.html import write_report
 from ..report.plots import activation_figure, figure_png, finetune_figure, pruning_curve_figure, save_png
 from ..runtime import write_json_atomic, write_text_atomic
@@ -41,8 +42,9 @@ def _figures(run: RunRecord, out: Path, written: list[Path]) -> dict[str, bytes]
 
 def write_outputs(out: Path, run: RunRecord) -> list[Path]:
     """model.safetensors, model.json, metrics.json, sweep.csv, pruning_curve.png, report.html,
-    model-compact.safetensors when the cut was exact, and model-masked.torchscript.pt when the
-    masks could not be baked into model.safetensors' weights. Returns the paths written."""
+    model-compact.safetensors when the cut was exact, model-masked.torchscript.pt when the
+    masks could not be baked into model.safetensors' weights, and model.onnx / model-compact.onnx
+    when ONNX was asked for and the export passed its check. Returns the paths written."""
     written: list[Path] = []
     # The baked copy where baking was exact (plain loading then computes the defended model);
     # either way the masks travel in the metadata too, for fineprune's own loader.
@@ -56,6 +58,10 @@ def write_outputs(out: Path, run: RunRecord) -> list[Path]:
     if run.compact is not None and run.compact.exported:
         save_compact(run.compact, out / "model-compact.safetensors", _weights_metadata(run))
         written.append(out / "model-compact.safetensors")
+    for name, exp in run.onnx.items():
+        if exp.exported:
+            save_onnx(exp, out / name)
+            written.append(out / name)
     if run.result.sweep is not None:
         write_text_atomic(out / "sweep.csv", sweep_csv(run.result.sweep, run.result.stop_k))
         written.append(out / "sweep.csv")

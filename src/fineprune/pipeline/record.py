@@ -11,12 +11,15 @@ from ..defense.bake import BakeResult, TraceResult
 from ..defense.compact import CompactResult
 from ..defense.sweep import SweepCurve
 from ..evaluation.metrics import Metrics
+from ..io.onnx_export import OnnxExport
 from ..recipes import get_recipe
 from .job import DefendJob
 
 #: The masked model as TorchScript, written when model.safetensors cannot carry the pruning in
 #: its plain weights (see defense/bake.py).
 TORCHSCRIPT_NAME = "model-masked.torchscript.pt"
+#: `export` onnx: the model of model.safetensors, and the compact one where it was exported.
+ONNX_NAME, COMPACT_ONNX_NAME = "model.onnx", "model-compact.onnx"
 
 
 @dataclass
@@ -43,6 +46,7 @@ class RunRecord:
     timings: dict[str, float] = field(default_factory=dict)
     plain: BakeResult | None = None  # the masks baked into model.safetensors' weights, or why not
     torchscript: TraceResult | None = None  # the masked model traced, when they could not be baked
+    onnx: dict[str, OnnxExport] = field(default_factory=dict)  # file name -> export (`export` onnx)
 
     @property
     def plain_load_is_defended(self) -> bool:
@@ -81,6 +85,12 @@ class RunRecord:
                 "from fineprune.io.arch import build_arch\n"
                 "from fineprune.defense.compact import load_compact\n"
                 f"model = load_compact({build}, 'model-compact.safetensors')  # cut replayed, then weights")
+        for name, exp in self.onnx.items():
+            if exp.exported:
+                out[name] = ("import onnxruntime as ort  # no fineprune or torch needed; the pruning is inside\n"
+                             f"session = ort.InferenceSession({name!r})\n"
+                             "# x: float32 numpy array (N, *input_shape), preprocessed as for this run\n"
+                             "logits = session.run(['logits'], {'input': x})[0]")
         return out
 
 
@@ -121,6 +131,7 @@ def model_json(run: RunRecord) -> dict:
         "finetune": None if hist is None else {
             "config": job.finetune_config().to_dict(),
             "recipe": get_recipe(job.recipe).options(),
+            "precision": job.precision,  # the sweep and all evaluation run in fp32 regardless
             "best_epoch": hist.best_epoch,
             "lr": hist.lr if hist.best_epoch else None,  # the rate kept (the guard may retry gentler)
             "discarded": hist.attempts,  # runs the accuracy guard discarded: lr, best_val_acc, diverged
@@ -130,6 +141,8 @@ def model_json(run: RunRecord) -> dict:
         "plain_load": None if run.plain is None else run.plain.to_dict(),
         "torchscript": None if run.torchscript is None else {
             **run.torchscript.to_dict(), "file": TORCHSCRIPT_NAME if run.torchscript.exported else None},
+        "onnx": None if job.export != "onnx" else {
+            name: {**exp.to_dict(), "file": name if exp.exported else None} for name, exp in run.onnx.items()},
         "model": {**run.model_file, "arch": job.arch, "num_classes": run.num_classes,
                   "num_classes_from": run.num_classes_from, "input_shape": run.input_shape},
         "data": run.inputs,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..defense.layer import layer_reason
 from ..errors import as_flags
 from ..report.html import FigureBlock, MetricRow, ReportData
 from .record import TORCHSCRIPT_NAME, RunRecord
@@ -59,8 +60,11 @@ def _summary(run: RunRecord) -> list[tuple[str, str]]:
         ("method", _METHOD_WORDS[r.method]),
     ]
     if r.layer is not None:
-        rows += [("pruned layer", f"{r.layer} ({r.num_channels} channels)"),
-                 ("pruned", f"{len(r.pruned_channels)} of {r.num_channels} channels "
+        rows.append(("pruned layer", f"{r.layer} ({r.num_channels} channels)"))
+        reason = layer_reason(r.model, r.layer) if r.model is not None else None
+        if reason:
+            rows.append(("why this layer", as_flags(reason)))
+        rows += [("pruned", f"{len(r.pruned_channels)} of {r.num_channels} channels "
                             f"({100 * r.pruned_fraction:.1f}%)"),
                  ("pruning order", _CRITERION_WORDS.get(job.criterion, job.criterion)),
                  ("stop rule", _stop_rule_words(job.stop_rule, r.threshold))]
