@@ -30,6 +30,7 @@ def test_pruning_returns_exactly_the_model_at_the_stop_point():
     k = res.stop_k
     assert res.pruned_channels == res.sweep.order[:k]
     assert pruned_channels(res.model, res.layer) == sorted(res.pruned_channels)
+    assert res.layer_reason.startswith("last convolutional feature map")  # the report's "why this layer"
     # Its accuracy is the sweep's accuracy at k (not at k+1), and within the threshold.
     acc = accuracy(res.model, val)
     assert acc == res.sweep.clean_acc[k]
@@ -57,6 +58,7 @@ def test_defend_dispatches_and_validates():
     model, train, val = _setup()
     r = defend(model, train, val, "fine-tune", finetune=TrainConfig(epochs=1))
     assert r.method == "fine-tune" and r.pruned_channels == [] and r.sweep is None
+    assert r.layer is None and r.layer_reason is None
     for bad in ("prune-fine", ""):
         try:
             defend(model, train, val, bad)

@@ -113,6 +113,7 @@ def test_end_to_end_fine_prune_cuts_asr(ws, tmp_path, capsys):
 
     info = json.loads((out / "model.json").read_text())
     assert info["layer"] == "features.7" and info["method"] == "fine-prune"
+    assert "convolutional" in info["layer_reason"]
     assert info["pruned_count"] == len(info["pruned_channels"]) > 0
     assert info["fractions"]["pruned"] == pytest.approx(info["pruned_count"] / 32)
     assert info["threshold_points"] == 4.0 and info["seed"] == 0

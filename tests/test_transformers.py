@@ -17,8 +17,9 @@ from fineprune import TrainConfig, TriggeredSet, defend
 from fineprune.data.types import make_dataset
 from fineprune.defense.bake import bake_masks
 from fineprune.defense.compact import compact_model, load_compact, save_compact
+from fineprune.defense.criteria import anp_mask, anp_order, channel_order, clp_order, uclc
 from fineprune.defense.layer import find_prune_layer, layer_reason
-from fineprune.defense.mask import pruned_channels, set_pruned
+from fineprune.defense.mask import CHANNEL_DIM_ATTR, pruned_channels, set_pruned
 from fineprune.defense.persist import load_pruned, save_pruned
 from fineprune.defense.sweep import cached_sweep, full_sweep, layer_means
 from fineprune.errors import BadInputError
@@ -197,6 +198,8 @@ def test_defend_fine_prune_end_to_end():
     res = defend(model, train, val, method="fine-prune", threshold=10.0,
                  finetune=TrainConfig(epochs=1, batch_size=32, lr=0.01))
     assert res.layer == "blocks.1.mlp.act" and res.num_channels == 128
+    assert res.layer_reason == find_prune_layer(_model("timm-vit"), x[:2]).reason
+    assert "MLP hidden units" in res.layer_reason
     assert res.pruned_channels and res.finetune is not None
     h = _units(res.model, res.layer, x[:8])
     assert torch.equal(h[..., res.pruned_channels], torch.zeros_like(h[..., res.pruned_channels]))
@@ -252,3 +255,75 @@ def test_timm_arch_spec_builds_without_download_and_explains_errors(monkeypatch)
     monkeypatch.setitem(sys.modules, "timm", None)  # as if not installed
     with pytest.raises(BadInputError, match=r"pip install 'fineprune\[timm\]'"):
         build_arch("timm:vit_tiny_patch16_224", 4)
+
+
+# The criteria beside the paper's on channels-last hidden units: one score per hidden unit (not per
+# token), from the MLP's first Linear for CLP and a mask broadcast over the last dim for ANP.
+CRITERIA_MODELS = ["timm-vit", "torchvision-vit"]
+
+
+@pytest.mark.parametrize("key", CRITERIA_MODELS)
+def test_clp_scores_hidden_units_by_the_first_linears_row_norms(key):
+    _, name, hidden, fc1, _ = MODELS[key]
+    model = _model(key)  # not annotated yet: the layout is read from the structure
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = _inputs(4)
+    order = clp_order(model, name, x)
+    assert sorted(order) == list(range(hidden))
+    assert not hasattr(model.get_submodule(name), CHANNEL_DIM_ATTR)  # CLP leaves the model alone
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    rows = model.get_submodule(fc1).weight.detach().double()
+    assert torch.allclose(uclc(model, name, x), torch.linalg.vector_norm(rows, dim=1))
+    assert torch.allclose(uclc(model, name, x), torch.linalg.matrix_norm(rows[:, None, :], ord=2))
+    # Data-free and seed-free; the same once find_prune_layer has annotated the layer.
+    assert channel_order("clp", model, name, torch.zeros(3, 3, 32, 32), seed=5) == order
+    find_prune_layer(model, x[:2])
+    assert clp_order(model, name, x) == order
+    with torch.no_grad():  # a unit whose row is scaled up is the most suspicious
+        model.get_submodule(fc1).weight[order[-1]] *= 10
+    assert clp_order(model, name, x)[0] == order[-1]
+
+
+def test_clp_refuses_units_behind_a_layernorm():
+    model = _model("timm-vit")
+    with pytest.raises(ValueError, match="CLP"):  # each token normalised by its own statistics
+        clp_order(model, "blocks.1.norm2", _inputs(2))
+
+
+@pytest.mark.parametrize("key", CRITERIA_MODELS)
+def test_anp_masks_hidden_units_not_tokens(key):
+    _, name, hidden, _, _ = MODELS[key]
+    model = _model(key)
+    x = _inputs(32)
+    y = labels_near_model(model, x, classes=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    a = anp_mask(model, name, x, y, iterations=6, batch_size=16, seed=3)
+    b = anp_mask(model, name, x, y, iterations=6, batch_size=16, seed=3)
+    c = anp_mask(model, name, x, y, iterations=6, batch_size=16, seed=4)
+    assert a.shape == (hidden,)  # not the 17 tokens
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert float(a.min()) >= 0 and float(a.max()) <= 1 and float(a.min()) < 1
+    order = anp_order(model, name, x, y, iterations=6, batch_size=16, seed=3)
+    assert order == torch.sort(a, stable=True).indices.tolist() and sorted(order) == list(range(hidden))
+    assert not hasattr(model.get_submodule(name), CHANNEL_DIM_ATTR)  # only the copy was annotated
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # A Dataset (clean_y None) is read in the same order: the same mask.
+    assert torch.equal(anp_mask(model, name, make_dataset(x, y), None, iterations=6, batch_size=16, seed=3), a)
+
+
+@pytest.mark.parametrize("criterion", ["clp", "anp"])
+@pytest.mark.parametrize("key", CRITERIA_MODELS)
+def test_defend_fine_prune_with_other_criteria(key, criterion):
+    _, name, hidden, _, _ = MODELS[key]
+    model = _model(key)
+    x = _inputs(90, seed=3)
+    y = labels_near_model(model, x, classes=5, every=4)
+    train, val = make_dataset(x[:60], y[:60]), make_dataset(x[60:], y[60:])
+    res = defend(model, train, val, method="fine-prune", threshold=10.0, criterion=criterion,
+                 finetune=TrainConfig(epochs=1, batch_size=32, lr=0.01))
+    assert res.layer == name and res.num_channels == hidden and res.finetune is not None
+    expected = channel_order(criterion, _model(key), name, val, None, seed=0)
+    assert res.sweep.order == expected and sorted(expected) == list(range(hidden))
+    assert res.pruned_channels == expected[:res.stop_k]
+    h = _units(res.model, res.layer, x[:4])
+    assert torch.equal(h[..., res.pruned_channels], torch.zeros_like(h[..., res.pruned_channels]))

@@ -40,7 +40,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     pre.add_argument("--sample-rate", type=int, metavar="HZ", help="expected wav sample rate")
     d = p.add_argument_group("defense")
     d.add_argument("--method", choices=METHODS, help="fine-prune (default), prune or fine-tune")
-    d.add_argument("--layer", metavar="NAME", help="module whose output is pruned (default: the last conv feature map)")
+    d.add_argument("--layer", metavar="NAME", help="module whose output is pruned (default: the last conv feature "
+                   "map; in a transformer, the last block's MLP hidden units)")
     d.add_argument("--threshold", type=float, metavar="POINTS",
                    help="stop pruning before clean accuracy falls more than this many points (default 4)")
     d.add_argument("--epochs", type=int, help="fine-tuning epochs (default 10)")

@@ -89,6 +89,10 @@ class DefenseResult:
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # Why `layer` was pruned (`LayerChoice.reason`: the paper's last conv map, a transformer's MLP
+    # hidden units, or the user's / model's choice), kept here so a report can say it without
+    # reading annotations off the model; None when nothing was pruned.
+    layer_reason: str | None = None
 
     @property
     def pruned_fraction(self) -> float:
@@ -165,7 +169,8 @@ class _Defense:
         if self.method != "fine-tune":
             choice, curve, k = self._prune(model, val, triggered, run)
             out.update(layer=choice.name, num_channels=choice.channels, sweep=curve, stop_k=k,
-                       pruned_channels=list(curve.order[:k]), timings={"sweep": curve.seconds})
+                       pruned_channels=list(curve.order[:k]), timings={"sweep": curve.seconds},
+                       layer_reason=choice.reason or None)
         if self.method != "prune":
             out["finetune"], out["warnings"] = self._finetune(model, train_data, val, triggered, before, run)
             out["timings"]["fine-tune"] = out["finetune"].seconds

@@ -11,6 +11,11 @@ paper's mean-activation ranking. None of them looks at triggered data.
 * `anp` -- Wu & Wang, "Adversarial Neuron Pruning Purifies Backdoored Deep Models", NeurIPS 2021:
   increasing value of a per-channel mask learned against adversarial channel perturbations on
   clean data, restricted here to the pruned layer.
+
+Both work on a conv map's channels (dim 1) and on a transformer MLP's hidden units (the LAST dim of
+a (batch, tokens, hidden) output, `layer.LayerChoice.channel_dim == -1`): there a "channel" is one
+hidden unit over all tokens, the unit the sweep ranks and the mask zeroes, so the criteria must
+score the same units or their orders would not be permutations of what the sweep prunes.
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from ..data import stream
-from .layer import CHANNELWISE_TYPES, CONV_TYPES, trace_calls
+from .layer import _MLP_INNER_TYPES, CHANNELWISE_TYPES, CONV_TYPES, _layout, channel_dim_of, trace_calls
+from .mask import CHANNEL_DIM_ATTR, keep_shape
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Channel-wise modules that change the values but not a channel's Lipschitz bound up to a
@@ -49,9 +55,17 @@ def activation_order(model: nn.Module, layer: str, clean_x: torch.Tensor | Datas
 
 
 def _producer(model: nn.Module, layer: str, example: torch.Tensor) -> tuple[str, nn.Module, list[tuple[str, nn.Module]]]:
-    """The conv whose output channels are `layer`'s, and the channel-wise leaf modules between its
-    output and `layer`'s (forward order). Checked by replaying that chain on the conv's output: a
-    residual sum (or anything else mixed in) makes it differ, and raises ValueError."""
+    """The module whose output channels are `layer`'s, and the channel-wise leaf modules between its
+    output and `layer`'s (forward order). Checked by replaying that chain on the producer's output:
+    a residual sum (or anything else mixed in) makes it differ, and raises ValueError.
+
+    For a conv map (channels on dim 1) the producer is a conv, followed by BatchNorm, activations,
+    dropout or pooling. For channels on the last dim (a transformer MLP's hidden units, as the
+    module's `fineprune_channel_dim` annotation or, unannotated, the traced structure says) it is
+    the Linear whose output units they are (the MLP's first Linear), followed by element-wise
+    modules only: a BatchNorm or pooling module would act on dim 1 (the tokens), not on the units,
+    so it is not channel-wise there. The layout is read without annotating `model` (CLP leaves it
+    untouched)."""
     calls = trace_calls(model, example)
     counts: dict[str, int] = {}
     for c in calls:
@@ -62,21 +76,31 @@ def _producer(model: nn.Module, layer: str, example: torch.Tensor) -> tuple[str,
     target = mine[0].output
     if not isinstance(target, torch.Tensor) or target.dim() < 3:
         raise ValueError(f"CLP: {layer!r} does not output a (batch, channels, positions...) tensor")
+    annotated = getattr(mine[0].module, CHANNEL_DIM_ATTR, None)
+    last = (int(annotated) if annotated is not None else _layout(calls, mine[0])) == -1
+    producers, between, what = ((nn.Linear,), _MLP_INNER_TYPES, "Linear") if last else (
+        CONV_TYPES, CHANNELWISE_TYPES + _POOL_TYPES, "conv")
     leaves = {n for n, m in model.named_modules() if not list(m.children())}
     idx = max((i for i, c in enumerate(calls) if c.name in leaves and c.output is target), default=None)
     chain = []
     while idx is not None:
         call = calls[idx]
         chain.append(call)
-        if isinstance(call.module, CONV_TYPES):
+        if isinstance(call.module, producers):
             break
-        if not isinstance(call.module, CHANNELWISE_TYPES + _POOL_TYPES):
+        if not isinstance(call.module, between):
             raise ValueError(  # noqa: TRY004
-                f"CLP: cannot find the conv producing {layer!r}'s channels: {call.name} "
-                f"({type(call.module).__name__}) is neither a conv nor channel-wise")
+                f"CLP: cannot find the {what} producing {layer!r}'s channels: {call.name} "
+                f"({type(call.module).__name__}) is neither a {what} nor "
+                f"{'element-wise' if last else 'channel-wise'}")
         src = call.inputs[0] if call.inputs else None
         idx = max((i for i, c in enumerate(calls[:idx]) if c.name in leaves and c.output is src), default=None)
-    if not chain or not isinstance(chain[-1].module, CONV_TYPES):
+    if not chain or not isinstance(chain[-1].module, producers):
+        if last:
+            raise ValueError(
+                f"CLP: cannot find the Linear producing {layer!r}'s hidden units (its output is not a "
+                "Linear's followed only by element-wise modules); choose the activation right after "
+                "an MLP's first Linear")
         raise ValueError(
             f"CLP: cannot find the conv producing {layer!r}'s channels (its output is not a conv's "
             "followed only by channel-wise modules, e.g. a residual sum or a functional op); "
@@ -91,16 +115,19 @@ def _producer(model: nn.Module, layer: str, example: torch.Tensor) -> tuple[str,
                 "statistics; only BatchNorm (running statistics) can be folded into the conv")
         if isinstance(c.module, _BN_TYPES) and c.module.running_var is None:
             raise ValueError(f"CLP: {c.name} keeps no running statistics, so it cannot be folded into the conv")
-    conv_name, conv = chain[0].name, chain[0].module
-    if target.shape[1] != conv.out_channels:
-        raise ValueError(f"CLP: {layer!r} has {target.shape[1]} channels but {conv_name} outputs {conv.out_channels}")
+    name, producer = chain[0].name, chain[0].module
+    have = target.shape[-1] if last else target.shape[1]
+    outputs = producer.out_features if last else producer.out_channels
+    if have != outputs:
+        raise ValueError(f"CLP: {layer!r} has {have} channels but {name} outputs {outputs}")
     _check_replay(model, example, layer, chain)
-    return conv_name, conv, [(c.name, c.module) for c in chain[1:]]
+    return name, producer, [(c.name, c.module) for c in chain[1:]]
 
 
 @torch.no_grad()
 def _check_replay(model: nn.Module, example: torch.Tensor, layer: str, chain: list) -> None:
-    """Run the chain after the conv on a copy of its output and compare with `layer`'s output."""
+    """Run the chain after the producer (conv or Linear) on a copy of its output and compare with
+    `layer`'s output."""
     seen: dict[str, torch.Tensor] = {}
     conv = chain[0].module
     handles = [
@@ -127,7 +154,8 @@ def _check_replay(model: nn.Module, example: torch.Tensor, layer: str, chain: li
         raise ValueError(
             f"CLP: {layer!r}'s output is not {chain[0].name}'s output passed through "
             f"{[c.name for c in chain[1:]]} alone (a residual sum or another input is mixed in); "
-            "CLP needs a layer whose channels are one conv's (plus BatchNorm / activation)")
+            "CLP needs a layer whose channels are one conv's (plus BatchNorm / activation) or one "
+            "Linear's hidden units (plus activation)")
 
 
 def uclc(model: nn.Module, layer: str, example: torch.Tensor) -> torch.Tensor:
@@ -136,17 +164,23 @@ def uclc(model: nn.Module, layer: str, example: torch.Tensor) -> torch.Tensor:
     For the conv producing `layer`'s channels, channel k's weight W_k (in_channels/groups, kernel)
     is reshaped to (in_channels/groups, prod(kernel)), scaled by every following BatchNorm's
     gamma_k / sqrt(running_var_k + eps) (folded, as in the paper), and its largest singular value
-    taken. Data-free: `example` only fixes the input shape (the model is traced on seeded noise
-    of that shape, to find the conv and check that nothing else, e.g. a residual, adds in).
+    taken. For a transformer MLP's hidden units (channels last) the producer is the MLP's first
+    Linear: unit k is row W_k of its weight applied to every token, a 1 x in_features matrix whose
+    largest singular value is the row's L2 norm; nothing is folded (only element-wise modules
+    follow, whose Lipschitz constant is common to all units). Data-free: `example` only fixes the
+    input shape (the model is traced on seeded noise of that shape, to find the producer and check
+    that nothing else, e.g. a residual, adds in).
     """
     gen = torch.Generator().manual_seed(0)
     param = next(iter(model.parameters()), None)
     dev = param.device if param is not None else example.device
     dtype = example.dtype if example.is_floating_point() else torch.float32
     noise = torch.rand(example[:2].shape, generator=gen, dtype=dtype).to(dev)
-    _, conv, after = _producer(model, layer, noise)
+    _, producer, after = _producer(model, layer, noise)
     with torch.no_grad():
-        w = conv.weight.detach().double().cpu()
+        w = producer.weight.detach().double().cpu()
+        if isinstance(producer, nn.Linear):  # (out_features, in_features): one row per hidden unit
+            return torch.linalg.vector_norm(w, ord=2, dim=1)
         scale = torch.ones(w.shape[0], dtype=torch.float64)
         for _, m in after:
             if isinstance(m, _BN_TYPES):
@@ -172,7 +206,10 @@ def anp_mask(
     device: torch.device | None = None, workers: int = 0,
 ) -> torch.Tensor:
     """The per-channel mask of ANP (Wu & Wang, "Adversarial Neuron Pruning Purifies Backdoored
-    Deep Models", NeurIPS 2021), restricted to `layer`'s output channels.
+    Deep Models", NeurIPS 2021), restricted to `layer`'s output channels: dim 1 of a conv map, the
+    last dim of a transformer MLP's (batch, tokens, hidden) output (`layer.channel_dim_of`, read
+    on the copy), so that there is one mask value per hidden unit, shared by all tokens, as the
+    sweep's mask prunes them -- not one per token.
 
     `layer`'s output h becomes (m + delta) * h per channel (a forward hook on a deep copy of the
     model in eval mode; the input model is not touched). Each iteration takes a mini-batch of the
@@ -193,19 +230,22 @@ def anp_mask(
         p.requires_grad_(False)
     module = net.get_submodule(layer)
     gen = torch.Generator().manual_seed(seed)
+    # On the copy: an unannotated layer is traced (and the copy annotated), the input model is not.
+    first = stream.take(data, 1).to(device)
+    cdim = channel_dim_of(net, layer, first)
     state: dict = {}
 
     def hook(m: nn.Module, i: tuple, out: torch.Tensor) -> torch.Tensor:
         if "mask" not in state:  # first (shape-finding) call
-            state["channels"] = out.shape[1]
+            state["channels"] = out.shape[cdim]
             return out
         factor = state["mask"] + state["delta"] if state["noisy"] else state["mask"]
-        return out * factor.view(1, -1, *([1] * (out.dim() - 2)))
+        return out * factor.view(keep_shape(factor.shape[0], out.dim(), cdim))
 
     handle = module.register_forward_hook(hook)
     try:
         with torch.no_grad():
-            net(stream.take(data, 1).to(device))
+            net(first)
         c = state["channels"]
         mask = torch.ones(c, device=device, requires_grad=True)
         delta = torch.zeros(c, device=device, requires_grad=True)

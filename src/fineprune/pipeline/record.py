@@ -111,6 +111,7 @@ def model_json(run: RunRecord) -> dict:
         "created": run.created,
         "method": r.method,
         "layer": r.layer,
+        "layer_reason": r.layer_reason,
         "num_channels": r.num_channels,
         "pruned_channels": sorted(r.pruned_channels),
         "pruning_order": list(r.pruned_channels),

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..defense.layer import layer_reason
 from ..errors import as_flags
 from ..report.html import FigureBlock, MetricRow, ReportData
 from .record import TORCHSCRIPT_NAME, RunRecord
@@ -61,9 +60,10 @@ def _summary(run: RunRecord) -> list[tuple[str, str]]:
     ]
     if r.layer is not None:
         rows.append(("pruned layer", f"{r.layer} ({r.num_channels} channels)"))
-        reason = layer_reason(r.model, r.layer) if r.model is not None else None
-        if reason:
-            rows.append(("why this layer", as_flags(reason)))
+        # The defense's own record of its choice (`DefenseResult.layer_reason`), not an annotation
+        # read off the model: the result is what the report describes.
+        if r.layer_reason:
+            rows.append(("why this layer", as_flags(r.layer_reason)))
         rows += [("pruned", f"{len(r.pruned_channels)} of {r.num_channels} channels "
                             f"({100 * r.pruned_fraction:.1f}%)"),
                  ("pruning order", _CRITERION_WORDS.get(job.criterion, job.criterion)),
