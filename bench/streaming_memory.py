@@ -5,7 +5,8 @@ Two measurements, each written to a JSON under bench/results/:
 * `run`: `fineprune defend` as a user runs it (a subprocess), on a torchvision or timm model with
   random weights saved as safetensors (memory and time do not depend on the weights), over one
   or more ImageFolders made by bench/make_imagefolder.py. The process tree's resident memory
-  (main process plus DataLoader workers) is sampled every 0.2 s; the peak of the sum, the main
+  (main process's RSS plus each DataLoader worker's unique set size: a forked worker shares the
+  main process's pages, which its RSS would count twice) is sampled every 0.2 s; the peak of the sum, the main
   process's own peak and the wall time are recorded per folder, so N -> peak RSS is a curve.
 
       python bench/streaming_memory.py run --arch torchvision:resnet18 --epochs 1 \
@@ -68,7 +69,8 @@ class _Sampler(threading.Thread):
         while not self.stop.is_set():
             try:
                 main = self.proc.memory_info().rss
-                tree = main + sum(c.memory_info().rss for c in self.proc.children(recursive=True))
+                # a worker forked from the main process shares its pages: count only its own (USS)
+                tree = main + sum(c.memory_full_info().uss for c in self.proc.children(recursive=True))
             except psutil.Error:
                 break
             self.peak_main, self.peak_tree = max(self.peak_main, main), max(self.peak_tree, tree)
@@ -88,6 +90,8 @@ def cmd_run(args: argparse.Namespace) -> dict:
                    "--batch-size", str(args.batch_size), "--quiet", "--no-compact"]
             if args.max_cache_mb is not None:
                 cmd += ["--max-cache-mb", str(args.max_cache_mb)]
+            if args.lr_factors is not None:
+                cmd += ["--lr-factors", args.lr_factors]
             t0 = time.perf_counter()
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -102,14 +106,16 @@ def cmd_run(args: argparse.Namespace) -> dict:
                    "wall_s": round(wall, 1), "peak_rss_tree_mb": round(sampler.peak_tree / 2**20),
                    "peak_rss_main_mb": round(sampler.peak_main / 2**20),
                    "pruned_count": record.get("pruned_count"), "num_channels": record.get("num_channels"),
-                   "timings": record.get("timings_seconds")}
+                   "timings": record.get("timings_seconds"), "layer": record.get("layer"),
+                   "layer_reason": record.get("layer_reason"),
+                   "outputs": sorted(f.name for f in out.iterdir()) if out.exists() else []}
             if p.returncode != 0:
                 row["log_tail"] = log[-2000:]
             print(json.dumps(row), flush=True)
             rows.append(row)
     return {"mode": "run", "arch": args.arch, "method": args.method, "epochs": args.epochs,
             "workers": args.workers, "batch_size": args.batch_size, "max_cache_mb": args.max_cache_mb,
-            "rows": rows}
+            "lr_factors": args.lr_factors, "threads": args.threads, "rows": rows}
 
 
 def cmd_equal(args: argparse.Namespace) -> dict:
@@ -140,7 +146,7 @@ def cmd_equal(args: argparse.Namespace) -> dict:
             "channels": len(results["streamed"]["clean_correct"]) - 1, "layer": r.layer}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="mode", required=True)
     run = sub.add_parser("run")
@@ -151,6 +157,7 @@ def main() -> None:
     run.add_argument("--workers", type=int, default=1)
     run.add_argument("--batch-size", type=int, default=64)
     run.add_argument("--max-cache-mb", type=float, default=None)
+    run.add_argument("--lr-factors", default=None, help="passed on (e.g. 1: one fine-tuning run, no retries)")
     eq = sub.add_parser("equal")
     eq.add_argument("--folder", type=Path, required=True)
     eq.add_argument("--arch", default="torchvision:resnet18")
@@ -159,15 +166,17 @@ def main() -> None:
     for p in (run, eq):
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     payload = {"machine": machine(), **(cmd_run(args) if args.mode == "run" else cmd_equal(args))}
-    out = args.out or RESULTS / f"streaming_{args.mode}_{args.arch.replace(':', '_').split(',')[0]}.json"
+    name = args.arch.replace(":", "_").split(",")[0] + (f"_{args.method}" if args.mode == "run" else "")
+    out = args.out or RESULTS / f"streaming_{args.mode}_{name}.json"
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(finish(payload), indent=2) + "\n")
     os.replace(tmp, out)
     print("wrote", out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

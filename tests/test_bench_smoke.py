@@ -43,3 +43,26 @@ def test_bench_script_tiny(tmp_path, script, extra, keys):
         assert row["identical_weights"]
     if script == "scaling":
         assert data["bounded_equals_unbounded"]
+
+
+def test_streaming_memory_tiny(tmp_path):
+    """The streaming benchmark on a tiny image folder: both modes run; streamed == in memory."""
+    from PIL import Image
+
+    folder = tmp_path / "folder"
+    gen = torch.Generator().manual_seed(0)
+    for c in range(3):
+        (folder / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            pixels = (torch.rand(32, 32, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f"c{c}" / f"{i}.png")
+    eq = tmp_path / "equal.json"
+    _run("streaming_memory", ["equal", "--arch", "torchvision:resnet18", "--folder", str(folder),
+                              "--val-fraction", "0.5", "--out", str(eq)])
+    assert json.loads(eq.read_text())["same_curve_and_channels"] is True
+    run = tmp_path / "run.json"
+    _run("streaming_memory", ["run", "--arch", "torchvision:resnet18", "--method", "prune", "--workers", "0",
+                              "--folders", str(folder), "--out", str(run)])
+    row = json.loads(run.read_text())["rows"][0]
+    assert row["rc"] == 0 and row["images"] == 24 and row["peak_rss_tree_mb"] > 0
+    assert "model.safetensors" in row["outputs"]

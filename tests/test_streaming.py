@@ -257,3 +257,16 @@ def test_anp_and_resume_on_a_lazy_folder(folder, tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(m1.state_dict().values(), m2.state_dict().values()))
     with pytest.raises(BadInputError, match="`workers`"):
         DefendJob(model="m", arch="a", data="d", out="o", workers=-1).validate()
+
+
+def test_inference_batch_bounds_bytes_not_small_inputs():
+    """Evaluation batches shrink for large inputs (memory) and stay as asked for small ones (so
+    every built-in task's numbers are unchanged)."""
+    from fineprune.data.stream import INFERENCE_BATCH_BYTES, inference_batch
+
+    small = torch.zeros(4, 3, 32, 32)
+    assert inference_batch(small, 512) == 512
+    big = torch.zeros(2, 3, 224, 224)
+    b = inference_batch(big, 512)
+    assert 1 <= b < 512 and b * 3 * 224 * 224 * 4 <= INFERENCE_BATCH_BYTES
+    assert inference_batch(torch.zeros(1, 3, 4096, 4096), 256) == 1

@@ -124,6 +124,25 @@ def sample_shape(data: Inputs) -> tuple[int, ...]:
     return tuple(take(data, 1).shape[1:])
 
 
+#: Input bytes per inference batch (evaluation, sweep, channel means). A network's activation memory
+#: grows with its input's size, so a fixed count of 256-512 samples that is nothing at 32x32
+#: holds several GB at 224x224 (resnet18: 2.6 GB at 512). What chose it: the largest batch that
+#: leaves every built-in task's batch as it was (their inputs are at most 32 KB, so 512 of them
+#: fit) and keeps a 224x224 RGB batch at 53 samples, which the streaming benchmark measured
+#: within its memory bound (BENCHMARKS.md "Streaming").
+INFERENCE_BATCH_BYTES = 32 * 2**20
+
+
+def inference_batch(data: Inputs, requested: int) -> int:
+    """`requested`, lowered so that one batch of inputs stays within INFERENCE_BATCH_BYTES (float32).
+    The result depends only on the input shape, so every pass over the same data (cached and full
+    sweep, before and after) batches it the same way."""
+    numel = 1
+    for d in sample_shape(data):
+        numel *= int(d)
+    return max(1, min(int(requested), INFERENCE_BATCH_BYTES // max(4 * numel, 1)))
+
+
 def labels_of(data: Dataset, workers: int = 0) -> torch.Tensor:
     """All labels as int64, decoding no input where the dataset can tell them: a TensorDataset's
     label tensor, `.targets` / `.labels` (lazy folders, torchvision-style datasets), a Subset's

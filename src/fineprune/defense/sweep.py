@@ -297,6 +297,7 @@ def cached_sweep(
     without `order`, "custom" with one)."""
     t0 = time.perf_counter()
     device = device or next(model.parameters()).device
+    batch_size = stream.inference_batch(x_clean, batch_size)
     was_training = model.training
     model.eval()
     try:
@@ -390,6 +391,7 @@ def layer_means(
     channels at dim 1, as the cut hands them to the cached sweep (see `cut`), so both rank
     channels from bit-identical sums."""
     device = device or next(model.parameters()).device
+    batch_size = stream.inference_batch(x, batch_size)
     module = model.get_submodule(layer)
     cdim = channel_dim_of(model, layer, stream.take(x, 1).to(device)) if stream.num_samples(x) else 1
     total: list[torch.Tensor] = []
@@ -435,6 +437,7 @@ def full_sweep(
 
     t0 = time.perf_counter()
     device = device or next(model.parameters()).device
+    batch_size = stream.inference_batch(x_clean, batch_size)
     if y_clean is None:
         y_clean = stream.labels_of(x_clean, workers)
     means = layer_means(model, layer, x_clean, batch_size, device, workers)

@@ -57,6 +57,8 @@ def predict(
     """Predicted labels for the inputs `x` (a tensor, or a Dataset's items' inputs, read by
     `workers` DataLoader processes), in eval mode (the model's mode is restored afterwards)."""
     device = device or next(iter(model.parameters()), torch.empty(0)).device
+    if stream.num_samples(x):
+        batch_size = stream.inference_batch(x, batch_size)
     was_training = model.training
     model.eval()
     try:
