@@ -235,3 +235,19 @@ def test_precision_and_export_as_config_keys_and_on_the_command_line(tmp_path):
     plain = DefendJob(model="m", arch="a", data="d", out="o").validate()
     assert "--precision" not in plain.command_line() and "--export" not in plain.command_line()
     assert plain.finetune_config() == DEFAULT_FINETUNE and plain.finetune_config().to_dict() == OLD_KEYS
+
+
+def test_channels_last_as_flag_config_key_and_recorded_setting(tmp_path):
+    from fineprune.cli import build_parser
+    from fineprune.pipeline.config import read_config
+
+    args = build_parser().parse_args(["defend", "--model", "m", "--arch", "a", "--data", "d", "--out", "o",
+                                      "--channels-last"])
+    assert args.channels_last is True
+    cfg = tmp_path / "defend.toml"
+    cfg.write_text('model = "m.safetensors"\narch = "a"\ndata = "d.npz"\nout = "o"\nchannels_last = true\n')
+    job = DefendJob(**read_config(cfg)).validate()
+    assert job.finetune_config().to_dict() == {**DEFAULT_FINETUNE.to_dict(), "channels_last": True}
+    assert "--channels-last" in job.command_line()
+    plain = DefendJob(model="m", arch="a", data="d", out="o").validate()
+    assert "--channels-last" not in plain.command_line()

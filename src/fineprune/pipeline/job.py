@@ -20,7 +20,8 @@ from ..training import TrainConfig
 from .inputs import task_ref
 
 # Options added after the first runs: spelled out in command lines only when not the paper's.
-_PAPER_DEFAULTS = {"recipe": "plain", "criterion": "activation", "stop_rule": "paper", "precision": "fp32"}
+_PAPER_DEFAULTS = {"recipe": "plain", "criterion": "activation", "stop_rule": "paper", "precision": "fp32",
+                   "channels_last": False}
 #: What `export` can write besides the safetensors files.
 EXPORTS = ("onnx",)
 
@@ -71,6 +72,7 @@ class DefendJob:
     max_cache_mb: float | None = None  # bound on the sweep's cached features (None: keep them all)
     workers: int | None = None  # DataLoader processes decoding folder data (None: 0, the main process)
     precision: str = "fp32"  # fine-tuning arithmetic: fp32, bf16 or fp16 (fineprune.precision)
+    channels_last: bool = False  # fine-tune 4-D image models in channels-last memory layout
     export: str | None = None  # "onnx": also model.onnx (and model-compact.onnx), checked with onnxruntime
 
     def validate(self) -> "DefendJob":
@@ -164,7 +166,7 @@ class DefendJob:
                 base = spec.finetune
         overrides = {k: getattr(self, k) for k in ("epochs", "lr", "batch_size", "optimizer")
                      if getattr(self, k) is not None}
-        return dataclasses.replace(base, **overrides, precision=self.precision)
+        return dataclasses.replace(base, **overrides, precision=self.precision, channels_last=bool(self.channels_last))
 
     def command_line(self) -> str:
         """An equivalent `fineprune defend` command (every effective option spelled out; the
