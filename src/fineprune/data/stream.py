@@ -159,7 +159,7 @@ def labels_of(data: Dataset, workers: int = 0) -> torch.Tensor:
             y = torch.as_tensor(known).long().flatten()
             if y.shape[0] == len(data):  # type: ignore[arg-type]
                 return y
-    ys = [y for _, y in iter_batches(data, 256, workers=workers)]
+    ys = [y for _, y in iter_batches(data, inference_batch(data, 256), workers=workers)]
     return torch.cat(ys) if ys else torch.empty(0, dtype=torch.long)
 
 

@@ -72,13 +72,15 @@ def predict(
 @torch.inference_mode()
 def accuracy(model: nn.Module, data: Dataset, device: torch.device | None = None, workers: int = 0) -> float:
     """Fraction of `data` predicted right: one pass, labels taken from the same batches as the
-    inputs (an unknown dataset is not read twice). Batches of 512, as `predict`."""
+    inputs (an unknown dataset is not read twice). Batches as `predict`'s (512, fewer for large
+    inputs: `stream.inference_batch`)."""
     device = device or next(iter(model.parameters()), torch.empty(0)).device
+    batch = stream.inference_batch(data, 512) if stream.num_samples(data) else 512
     was_training = model.training
     model.eval()
     hits: list[torch.Tensor] = []
     try:
-        for xb, yb in stream.iter_batches(data, 512, workers=workers, pin=torch.device(device).type == "cuda"):
+        for xb, yb in stream.iter_batches(data, batch, workers=workers, pin=torch.device(device).type == "cuda"):
             hits.append(model(xb.to(device)).argmax(dim=1).cpu() == yb)
     finally:
         model.train(was_training)
