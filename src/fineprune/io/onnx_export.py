@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.stream import inference_batch
 from ..errors import BadInputError
 from ..runtime import atomic_path
 
@@ -135,6 +136,7 @@ def export_onnx(model: nn.Module, inputs: torch.Tensor, *, max_samples: int = 25
     if x.shape[0] == 0:
         res.note, res.seconds = "no inputs to check the export on; not exported", time.perf_counter() - t0
         return res
+    batch_size = inference_batch(x, batch_size)  # large inputs: fewer at once, as every evaluation
     work = copy.deepcopy(model).cpu().float().eval()
     example = x[:2] if x.shape[0] >= 2 else x.repeat(2, *([1] * (x.dim() - 1)))  # batch 1 would be fixed
     try:
