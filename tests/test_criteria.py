@@ -4,8 +4,7 @@ import torch
 from conftest import assert_same_curve, labels_near_model
 from torch import nn
 
-from fineprune.defense.criteria import (
-    CRITERIA,
+from fineprune.purify.criteria import (
     activation_order,
     anp_mask,
     anp_order,
@@ -16,6 +15,7 @@ from fineprune.defense.criteria import (
 from fineprune.defense.layer import find_prune_layer
 from fineprune.defense.sweep import cached_sweep, full_sweep, sweep
 from fineprune.evaluation.metrics import TriggeredSet
+from fineprune.purify.registry import methods, resolve
 from fineprune.models.resnet_cifar import CifarResNet
 from fineprune.models.small import AudioCNN1d, SmallCNN
 
@@ -243,8 +243,13 @@ def test_anp_ranks_a_planted_backdoor_channel_first(seed):
 
 
 def test_registry():
-    assert set(CRITERIA) >= {"activation", "clp", "anp"}
+    assert set(methods("criterion")) >= {"activation", "clp", "anp"}
     m, x, _ = _smallcnn()
+    # the sweep ranks by activation itself (one pass); the criterion's own ranking is the same list
     assert channel_order("activation", m, "features.7", x, torch.zeros(48, dtype=torch.long)) is None
-    with pytest.raises(ValueError, match="unknown pruning criterion"):
-        channel_order("magic", m, "features.7", x, torch.zeros(48, dtype=torch.long))
+    assert resolve("criterion", "activation").rank(m, "features.7", x) == activation_order(m, "features.7", x)
+    with pytest.raises(ValueError, match="unknown pruning criterion 'anq'.*did you mean anp"):
+        channel_order("anq", m, "features.7", x, torch.zeros(48, dtype=torch.long))
+    assert resolve("criterion", "anp,eps=0.3,iterations=5").options() == {
+        "name": "anp", "eps": 0.3, "alpha": 0.2, "iterations": 5, "batch_size": 64, "steps": 1, "lr": 0.2,
+        "momentum": 0.9}

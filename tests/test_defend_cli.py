@@ -187,6 +187,7 @@ def test_max_cache_mb_streams_to_the_same_result(ws, tmp_path, capsys):
     assert a["sweep"]["streamed_samples"] == 0 < b["sweep"]["streamed_samples"]
     assert b["sweep"]["cache_mb"] <= 0.05 == b["sweep"]["max_cache_mb"]
     assert not any(p.name.startswith(".") for p in outs["bounded"].iterdir())  # checkpoint removed
+    capsys.readouterr()  # the two runs' verdicts (--quiet still prints them on stderr)
     for bad in ("0", "-3", "nan"):
         assert run_cli("--model", ws.root / "model.safetensors", "--arch", ws.arch, "--data",
                        ws.root / "small.npz", "--out", tmp_path / "x", "--max-cache-mb", bad) == 2
@@ -319,10 +320,11 @@ def test_criterion_and_stop_rule_flags_run_and_are_recorded(ws, tmp_path):
                    "--method", "prune", "--criterion", "clp", "--stop-rule", "bound", "--no-compact",
                    "--out", out, "--quiet") == 0
     info = json.loads((out / "model.json").read_text())
-    assert info["sweep"]["criterion"] == "clp" and info["sweep"]["stop_rule"] == "bound"
+    assert info["sweep"]["criterion"] == {"name": "clp"}
+    assert info["sweep"]["stop_rule"] == {"name": "bound", "z": pytest.approx(1.6448536269514722)}
     assert "--criterion clp --stop-rule bound" in info["command"]
     html = (out / "report.html").read_text(encoding="utf-8")
-    assert "clp: decreasing channel Lipschitz bound" in html and "bound: stay within" in html
+    assert "clp: decreasing channel Lipschitz upper bound" in html and "bound: stay within" in html
 
 
 def test_criterion_and_stop_rule_defaults_stay_off_the_command_line():
@@ -347,9 +349,11 @@ def test_criterion_and_stop_rule_from_a_config_file_and_ignored_by_fine_tune(ws,
 
 
 @pytest.mark.parametrize("override,needle", [
-    ({"--recipe": ["magic"]}, "--recipe must be one of plain, augment, ft-sam, fst, not 'magic'"),
-    ({"--criterion": ["magic"]}, "--criterion must be one of activation, clp, anp, not 'magic'"),
-    ({"--stop-rule": ["magic"]}, "--stop-rule must be one of paper, bound, not 'magic'"),
+    ({"--recipe": ["magic"]}, "--recipe: unknown fine-tuning recipe 'magic'; choose one of plain, augment, ft-sam, fst"),
+    ({"--recipe": ["ft-sam,roh=8"]}, "--recipe: ft-sam has no option 'roh' (did you mean rho?)"),
+    ({"--criterion": ["anq"]}, "--criterion: unknown pruning criterion 'anq' (did you mean anp?); choose one of "
+                               "activation, clp, anp"),
+    ({"--stop-rule": ["magic"]}, "--stop-rule: unknown stop rule 'magic'; choose one of paper, bound"),
     ({"--triggered": ["trig.npz"]}, "--target"),
     ({"--arch": ["no_such_module_xyz:f"]}, "no_such_module_xyz"),
     ({"--num-classes": ["7"]}, "--num-classes"),

@@ -17,7 +17,7 @@ from fineprune.errors import BadInputError
 from fineprune.models.small import SmallCNN
 from fineprune.pipeline.job import DefendJob
 from fineprune.precision import Precision, check_precision, make_precision
-from fineprune.recipes import FST, FTSAM, Plain
+from fineprune.purify.recipes import FST, FTSAM, Plain
 from fineprune.runtime import fingerprint
 from fineprune.training import TrainConfig, _run_key, make_optimizer, train, train_one_epoch
 

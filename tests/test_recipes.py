@@ -12,7 +12,14 @@ from torch.utils.data import TensorDataset
 
 from fineprune.defense.mask import pruned_channels, set_pruned
 from fineprune.models.small import AudioCNN1d, SmallCNN
-from fineprune.recipes import FST, FTSAM, RECIPES, Plain, augment_batch, classifier_head, get_recipe
+from fineprune.purify.recipes import FST, FTSAM, Plain, augment_batch, classifier_head
+from fineprune.purify.registry import methods, resolve
+
+RECIPES = methods("recipe")
+
+
+def get_recipe(name: str, **options):
+    return resolve("recipe", {"name": name, **options})
 from fineprune.training import TrainConfig, _run_key, batches, make_optimizer, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

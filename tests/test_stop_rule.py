@@ -1,6 +1,6 @@
 import pytest
 
-from fineprune.defense.stop_rule import stop_point
+from fineprune.purify.stop_rules import stop_point
 
 
 def test_threshold_zero_stops_at_first_drop():

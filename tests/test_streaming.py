@@ -236,7 +236,7 @@ def test_cli_defend_reads_an_image_folder_lazily_with_workers(folder, tmp_path):
 
 
 def test_anp_and_resume_on_a_lazy_folder(folder, tmp_path):
-    from fineprune.defense.criteria import anp_mask
+    from fineprune.purify.criteria import anp_mask
     from fineprune.errors import BadInputError
     from fineprune.pipeline.job import DefendJob
 

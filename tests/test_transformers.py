@@ -17,7 +17,7 @@ from fineprune import TrainConfig, TriggeredSet, defend
 from fineprune.data.types import make_dataset
 from fineprune.defense.bake import bake_masks
 from fineprune.defense.compact import compact_model, load_compact, save_compact
-from fineprune.defense.criteria import anp_mask, anp_order, channel_order, clp_order, uclc
+from fineprune.purify.criteria import anp_mask, anp_order, channel_order, clp_order, uclc
 from fineprune.defense.layer import find_prune_layer, layer_reason
 from fineprune.defense.mask import CHANNEL_DIM_ATTR, pruned_channels, set_pruned
 from fineprune.defense.persist import load_pruned, save_pruned

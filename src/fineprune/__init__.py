@@ -6,7 +6,7 @@ from .attack.triggers import BlendTrigger, PatchTrigger
 from .defense.api import DEFAULT_FINETUNE, DefenseResult, FinePruning, FineTuning, Pruning, RunOptions, defend
 from .defense.layer import find_prune_layer
 from .defense.mask import clear_mask, pruned_channels, set_pruned
-from .defense.stop_rule import DEFAULT_THRESHOLD
+from .purify.stop_rules import DEFAULT_THRESHOLD
 from .defense.sweep import SweepCurve, sweep
 from .evaluation.metrics import Metrics, TriggeredSet, evaluate
 from .training import TrainConfig

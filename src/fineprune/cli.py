@@ -55,6 +55,11 @@ _THREADS_HOW = {"train": "--threads {n}", "reproduce": "--threads {n}", "demo": 
                 "defend": "OMP_NUM_THREADS={n}"}
 
 
+def _quiet(args: argparse.Namespace) -> bool:
+    """--quiet or --silent: no progress (what each still prints is the command's business)."""
+    return bool(getattr(args, "quiet", False) or getattr(args, "silent", False))
+
+
 def _interactive() -> bool:
     return sys.stderr.isatty()
 
@@ -73,7 +78,7 @@ def _threads(args: argparse.Namespace) -> None:
     how = _THREADS_HOW.get(args.command)
     chosen = bool(os.environ.get("OMP_NUM_THREADS"))  # the user already picked a count
     # For someone watching a terminal only: scripts and tests get the same stderr on any machine.
-    wanted = how and not chosen and not getattr(args, "quiet", False) and _interactive()
+    wanted = how and not chosen and not _quiet(args) and _interactive()
     hint = busy_hint(n, how) if wanted else None
     if hint:
         print(f"fineprune: note: {hint}", file=sys.stderr, flush=True)
@@ -109,8 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .progress import using
 
         _threads(args)
-        # The channel library code deep in a command reports on (dataset decoding): stderr unless --quiet.
-        with using(not getattr(args, "quiet", False)):
+        # The channel library code deep in a command reports on (dataset decoding): stderr unless
+        # --quiet or --silent.
+        with using(not _quiet(args)):
             return int(args._run(args) or 0)
     except BadInputError as exc:
         print(_one_line(f"fineprune: error: {as_flags(str(exc))}"), file=sys.stderr)

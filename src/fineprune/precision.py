@@ -27,9 +27,11 @@ from torch import nn
 from .errors import BadInputError
 
 if TYPE_CHECKING:
-    from .recipes import Recipe
+    from .purify.recipes import Recipe
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# fp32: exact, the paper's arithmetic. What chose it: exactness (bf16 is opt-in, BENCHMARKS).
+DEFAULT_PRECISION = "fp32"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

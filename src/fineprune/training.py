@@ -20,7 +20,7 @@ from .progress import Progress, as_progress
 from .runtime import load_checkpoint, run_digest, save_checkpoint
 
 if TYPE_CHECKING:
-    from .recipes import Recipe
+    from .purify.recipes import Recipe
 
 
 @dataclass
@@ -108,10 +108,10 @@ def train_one_epoch(
     """One pass over (x, y), or over the Dataset `x` when `y` is None (read by `workers` DataLoader
     processes, see `batches`); returns the mean training loss. `on_batch` gets each batch's size
     (progress within the epoch: an epoch of a real task can take minutes on a CPU). `recipe`
-    (`fineprune.recipes`): how a batch is augmented, scored and stepped; None = plain.
+    (`fineprune.purify.recipes`): how a batch is augmented, scored and stepped; None = plain.
     `precision` (`fineprune.precision`): autocast, loss scaling, memory layout; None = fp32."""
     if recipe is None:
-        from .recipes import Plain
+        from .purify.recipes import Plain
         recipe = Plain()
     amp = precision if precision is not None else Precision(device_type=torch.device(device).type)
     model.train()
@@ -152,7 +152,7 @@ def _run_key(model: nn.Module, x: torch.Tensor | Dataset, y: torch.Tensor | None
         return None
     settings = {"cfg": cfg.to_dict(), "seed": seed}
     if recipe is not None:
-        from .recipes import Plain
+        from .purify.recipes import Plain
         if recipe.options() != Plain().options():
             settings["recipe"] = recipe.options()
     return run_digest(settings, (*parts, *model.state_dict().values()))
@@ -222,7 +222,7 @@ def train(
     checkpoint from another run (other data, settings or starting weights) is refused.
     `on_epoch` sees each finished epoch's record (progress lines: send them to a `Progress`'s `log`
     so they land above the bar). `progress` (a `Progress`, or True for stderr) shows one bar over
-    all epochs' samples. `recipe` (`fineprune.recipes.get_recipe`): the fine-tuning method;
+    all epochs' samples. `recipe` (`fineprune.purify.recipes`): the fine-tuning method;
     None or "plain" is the paper's plain training, bit for bit; its `prepare` runs before the first
     epoch (and before a resumed checkpoint is loaded), drawing from the run's seeded generator.
     `data`: any Dataset of (input, label); tensors are sliced in memory, other datasets are read by

@@ -5,3 +5,4 @@ from . import train  # noqa: F401
 from . import reproduce  # noqa: F401
 from . import defend  # noqa: F401
 from . import grid  # noqa: F401
+from . import methods  # noqa: F401

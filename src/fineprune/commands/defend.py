@@ -6,8 +6,12 @@ work. Flags given on the command line win over the config file.
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 
 from ..defense.api import METHODS
+from ..errors import as_flags
+from ..purify.registry import help_line
 from .registry import FlagProgress, command
 
 
@@ -54,20 +58,21 @@ def _args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--channels-last", action="store_true", default=None,
                    help="fine-tune image models in channels-last memory layout (faster on many CPUs and "
                         "GPUs; same arithmetic, so results differ only in the last bits)")
-    # Checked by DefendJob (not argparse choices): a bad name is one error line, as in a config file.
-    d.add_argument("--recipe", metavar="NAME",
-                   help="how fine-tuning trains: plain (default, the paper's), augment (random crop, or "
-                        "time shift and gain for audio), ft-sam (sharpness-aware minimisation), fst "
-                        "(feature shift tuning: re-initialised, pushed-away classifier head)")
-    d.add_argument("--criterion", metavar="NAME",
-                   help="pruning order: activation (default, the paper's), clp (channel Lipschitz, "
-                        "data-free) or anp (adversarial neuron perturbation)")
+    # Method specs, checked by DefendJob (not argparse choices): a bad name or option is one error
+    # line with suggestions, as in a config file. The help is generated from the method registry.
+    d.add_argument("--recipe", metavar="SPEC", help="how fine-tuning trains: " + help_line("recipe"))
+    d.add_argument("--criterion", metavar="SPEC", help="pruning order: " + help_line("criterion"))
     d.add_argument("--lr-factors", metavar="LIST",
                    help="fine-tuning learning rates tried, as factors of --lr, strongest first; the first run "
-                        "within --threshold of the original on validation data is kept (default 1,0.1,0.01)")
-    d.add_argument("--stop-rule", metavar="NAME",
-                   help="paper (default: within --threshold) or bound (within it including a one-sided "
-                        "95%% bound on the pruned model's validation accuracy)")
+                        "within --tolerance of the original on validation data is kept (default 1,0.1,0.01)")
+    d.add_argument("--stop-rule", metavar="SPEC", help="when pruning stops (within --threshold): "
+                   + help_line("stop_rule"))
+    d.add_argument("--tolerance", type=float, metavar="POINTS",
+                   help="the fine-tuning accuracy guard: a run whose best epoch loses more than this many "
+                        "points on validation data is discarded (default: the --threshold value)")
+    d.add_argument("--plugin", dest="plugins", action="append", metavar="FILE",
+                   help="a Python file imported first: it may register methods (see README, \"Adding a "
+                        "method\") or tasks; repeatable")
     d.add_argument("--max-cache-mb", type=float, metavar="MB",
                    help="bound on the sweep's cached features; what does not fit is recomputed in chunks "
                         "(default: cache everything)")
@@ -79,7 +84,11 @@ def _args(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, help="seed for the split and fine-tuning (default 0)")
     r.add_argument("--device", help="cpu or cuda (default: cuda when present)")
-    r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.add_argument("--quiet", action="store_true",
+                   help="no progress: only the warnings and a one-line verdict, on stderr")
+    r.add_argument("--silent", action="store_true",
+                   help="print nothing but errors (no progress, warnings, verdict or summary; the warnings "
+                        "stay in model.json and report.html)")
     r.add_argument("--workers", type=int, metavar="N", help="processes decoding image or wav folders in "
                    "parallel (default 0: in the main process; tensors from .npz or task:NAME need none)")
     r.add_argument("--resume", action="store_true", default=None,
@@ -103,30 +112,55 @@ def _job(args: argparse.Namespace):
     return DefendJob(**options)
 
 
+def _plain_load_warning(res) -> str | None:
+    """The warning when plain `load_state_dict` of model.safetensors does not give the defended model."""
+    r = res.defense
+    if r.layer is None or res.plain is None or res.plain.baked:
+        return None
+    from ..pipeline.record import TORCHSCRIPT_NAME
+
+    safe = ["fineprune's load_pruned"] + [p.name for p in res.files if p.name in
+                                         (TORCHSCRIPT_NAME, "model-compact.safetensors")]
+    return ("model.safetensors is NOT defended when loaded with plain load_state_dict (the pruned channels "
+            f"come back); use {', '.join(safe)} (see report.html)")
+
+
+def _headline(res) -> str:
+    """The recorded decision in one sentence: model.json's `decision.headline`, which the report's
+    headline also is (defense/decision.py); never rebuilt here from the configuration."""
+    return f"{res.defense.method}: {res.record['decision']['headline']}"
+
+
 def _print_summary(res) -> None:
     r = res.defense
     rows = [("clean accuracy", r.before.clean_acc, r.after.clean_acc),
             ("attack success rate", r.before.asr, r.after.asr),
             ("robust accuracy", r.before.robust_acc, r.after.robust_acc)]
-    print(f"\n{r.method}: " + (f"pruned {len(r.pruned_channels)}/{r.num_channels} channels of {r.layer}"
-                               if r.layer else "no pruning"))
+    print(f"\n{_headline(res)}")
     for name, b, a in rows:
         if b is None:
             print(f"  {name:<20} not measured (no --triggered set)")
         else:
             print(f"  {name:<20} {100 * b:5.1f}% -> {100 * a:5.1f}%")
     print(f"wrote {', '.join(p.name for p in res.files)} to {res.out}")
-    if r.layer is not None and res.plain is not None:
-        if res.plain.baked:
-            print("model.safetensors: the pruning is baked into the weights, so plain load_state_dict "
-                  "gives the defended model too")
-        else:
-            from ..pipeline.record import TORCHSCRIPT_NAME
+    if r.layer is not None and res.plain is not None and res.plain.baked:
+        print("model.safetensors: the pruning is baked into the weights, so plain load_state_dict "
+              "gives the defended model too")
+    elif (warning := _plain_load_warning(res)) is not None:
+        print(f"WARNING: {warning}")
 
-            safe = ["fineprune's load_pruned"] + [p.name for p in res.files if p.name in
-                                                 (TORCHSCRIPT_NAME, "model-compact.safetensors")]
-            print("WARNING: model.safetensors is NOT defended when loaded with plain load_state_dict (the "
-                  f"pruned channels come back); use {', '.join(safe)} (see report.html)")
+
+def _print_verdict(res) -> None:
+    """--quiet: every warning of the run, then the one-line verdict, on stderr (nothing on stdout)."""
+    from ..defense.decision import outcome
+
+    r = res.defense
+    lines = [as_flags(w) for w in res.warnings]
+    if (plain := _plain_load_warning(res)) is not None:
+        lines.append(plain)
+    for w in lines:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"fineprune: {_headline(res)} {outcome(r.before, r.after)}", file=sys.stderr, flush=True)
 
 
 @command("defend", _args)
@@ -135,7 +169,15 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline.defend_files import defend_files
 
     job = _job(args)
+    if args.silent:  # nothing but errors: Python's warnings too (the run's own are in model.json)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            defend_files(job, progress=False)
+        return 0
+    # --quiet drops the progress only: the warnings and the verdict come from the result at the end.
     res = defend_files(job, progress=False if args.quiet else FlagProgress())  # bars and lines on stderr
-    if not args.quiet:
+    if args.quiet:
+        _print_verdict(res)
+    else:
         _print_summary(res)
     return 0

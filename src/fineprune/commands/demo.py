@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..defense.stop_rule import DEFAULT_THRESHOLD
+from ..purify.stop_rules import DEFAULT_THRESHOLD
 from .registry import FlagProgress, command
 
 
@@ -22,7 +22,7 @@ def _args(p: argparse.ArgumentParser) -> None:
 @command("demo", _args)
 def run(args: argparse.Namespace) -> int:
     """Run the whole story (attack, four defenses) on 5,000 embedded MNIST digits."""
-    from ..defense.stop_rule import check_threshold
+    from ..purify.stop_rules import check_threshold
     from ..experiment.demo import DemoConfig, format_table, run_demo
 
     check_threshold(args.threshold)

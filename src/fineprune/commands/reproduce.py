@@ -6,9 +6,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..defense.criteria import CRITERIA
-from ..defense.stop_rule import DEFAULT_THRESHOLD, STOP_RULES
-from ..recipes import RECIPES
+from ..purify.registry import help_line
+from ..purify.stop_rules import DEFAULT_THRESHOLD
 from ..tasks import DEFAULT_DATA_ROOT
 from .registry import FlagProgress, add_threads, command
 
@@ -26,12 +25,10 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subsample", type=float, default=1.0, help="use this fraction of every split (quick looks)")
     p.add_argument("--epochs", type=int, default=None, help="override the attacker's training epochs")
     p.add_argument("--finetune-epochs", type=int, default=None)
-    p.add_argument("--recipe", default="plain", choices=sorted(RECIPES),
-                   help="the defender's fine-tuning recipe (default plain: the paper's)")
-    p.add_argument("--criterion", default="activation", choices=list(CRITERIA),
-                   help="the defender's pruning order (default activation: the paper's)")
-    p.add_argument("--stop-rule", default="paper", choices=list(STOP_RULES),
-                   help="the defender's stop rule (default paper; bound: with a 95%% bound on validation accuracy)")
+    # Method specs (NAME[,key=value...]), resolved by the method registry; None: each family's default.
+    p.add_argument("--recipe", metavar="SPEC", help="the defender's fine-tuning recipe: " + help_line("recipe"))
+    p.add_argument("--criterion", metavar="SPEC", help="the defender's pruning order: " + help_line("criterion"))
+    p.add_argument("--stop-rule", metavar="SPEC", help="the defender's stop rule: " + help_line("stop_rule"))
     p.add_argument("--device", default=None)
     add_threads(p)
     p.add_argument("--no-timings", dest="timings", action="store_false",
@@ -43,7 +40,7 @@ def _args(p: argparse.ArgumentParser) -> None:
 @command("reproduce", _args)
 def run(args: argparse.Namespace) -> int:
     """Train clean / BadNets / pruning-aware models per task and run every defense on them."""
-    from ..defense.stop_rule import check_threshold
+    from ..purify.stop_rules import check_threshold
     from ..errors import BadInputError
     from ..experiment.reproduce import ReproduceConfig, run_reproduce
 

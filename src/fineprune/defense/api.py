@@ -20,14 +20,20 @@ from ..errors import BadInputError
 from ..evaluation.metrics import Metrics, TriggeredSet, accuracy, attack_metrics, evaluate
 from ..precision import check_precision, check_precision_name
 from ..progress import Progress
-from ..recipes import Recipe, get_recipe
+from ..purify.criteria import Criterion, channel_order
+from ..purify.recipes import Recipe
+from ..purify.registry import resolve
+from ..purify.stop_rules import DEFAULT_THRESHOLD, StopRule, check_threshold
 from ..runtime import pick_device
 from ..training import TrainConfig, TrainHistory, train
-from .criteria import CRITERIA, channel_order
 from .layer import LayerChoice, find_prune_layer
 from .mask import set_pruned
-from .stop_rule import DEFAULT_THRESHOLD, STOP_RULES, check_threshold, stop_point
 from .sweep import SweepCurve, sweep
+
+# A method given as a spec ("ft-sam,rho=8"), a mapping {"name": ..., key: value} or an instance.
+RecipeSpec = str | Recipe | None
+CriterionSpec = str | Criterion | None
+StopRuleSpec = str | StopRule | None
 
 METHODS = ("fine-prune", "prune", "fine-tune")
 
@@ -93,6 +99,9 @@ class DefenseResult:
     # hidden units, or the user's / model's choice), kept here so a report can say it without
     # reading annotations off the model; None when nothing was pruned.
     layer_reason: str | None = None
+    # The methods this defense used, each fully resolved (`Method.options()`: its name and every
+    # option): "criterion" and "stop_rule" where it pruned, "recipe" where it fine-tuned.
+    methods: dict[str, dict] = field(default_factory=dict)
 
     @property
     def pruned_fraction(self) -> float:
@@ -118,35 +127,49 @@ class RunOptions:
 
 
 class _Defense:
-    """The steps the defenses share; each subclass is a dataclass of its algorithm's settings."""
+    """The steps the defenses share; each subclass is a dataclass of its algorithm's settings.
+    Methods (recipe, criterion, stop rule) are resolved from their specs once, in `__post_init__`
+    (`purify.registry.resolve`): an unknown name or option fails before any work."""
 
     method = ""
     threshold: float
+    tolerance: float | None
     layer: str | None
     finetune: TrainConfig | None
     lr_factors: tuple[float, ...]
-    recipe: str | Recipe
-    stop_rule: str
-    criterion: str
+    recipe: Recipe
+    stop_rule: StopRule
+    criterion: Criterion
     precision: str | None
 
     def __post_init__(self) -> None:
         self.threshold = check_threshold(self.threshold)
+        if getattr(self, "tolerance", None) is not None:
+            self.tolerance = check_threshold(self.tolerance)
         if getattr(self, "precision", None) is not None:
             check_precision_name(self.precision)
-        if isinstance(getattr(self, "recipe", None), str):
-            get_recipe(self.recipe)  # an unknown name fails here, before any work
+        for family in ("recipe", "criterion", "stop_rule"):
+            if hasattr(self, family):
+                setattr(self, family, resolve(family, getattr(self, family), what=f"`{family}`"))
         factors = getattr(self, "lr_factors", (1.0,))
         if not factors or not all(isinstance(f, (int, float)) and f > 0 for f in factors):
             raise BadInputError(f"lr_factors must be positive numbers (at least one), got {factors!r}")
-        if getattr(self, "criterion", "activation") not in CRITERIA:
-            raise BadInputError(f"criterion must be one of {', '.join(CRITERIA)}, not {self.criterion!r}")
-        if getattr(self, "stop_rule", "paper") not in STOP_RULES:
-            raise BadInputError(f"stop rule must be one of {', '.join(STOP_RULES)}, not {self.stop_rule!r}")
+
+    @property
+    def guard_tolerance(self) -> float:
+        """The accuracy guard's tolerance in points: `tolerance`, or the stop rule's threshold
+        when None (the setting every recorded result was made with)."""
+        tol = getattr(self, "tolerance", None)
+        return self.threshold if tol is None else tol
+
+    def _families(self) -> tuple[str, ...]:
+        """The method families this defense uses."""
+        return (("criterion", "stop_rule") if self.method != "fine-tune" else ()) + \
+            (("recipe",) if self.method != "prune" else ())
 
     def _recipe(self) -> Recipe:
         """A fresh recipe for one fine-tuning run (a recipe may hold state from the model it prepared)."""
-        return get_recipe(self.recipe) if isinstance(self.recipe, str) else copy.deepcopy(self.recipe)
+        return copy.deepcopy(self.recipe)
 
     def _finetune_config(self) -> TrainConfig:
         """The fine-tuning settings: `finetune` (None: DEFAULT_FINETUNE), `precision` overriding its own."""
@@ -165,7 +188,8 @@ class _Defense:
         model = copy.deepcopy(model).to(run.device)
         model.eval()
         before = evaluate(model, val, triggered, run.device, run.workers)
-        out: dict = {"layer": None, "num_channels": 0, "pruned_channels": [], "timings": {}}
+        out: dict = {"layer": None, "num_channels": 0, "pruned_channels": [], "timings": {},
+                     "methods": {f: getattr(self, f).options() for f in self._families()}}
         if self.method != "fine-tune":
             choice, curve, k = self._prune(model, val, triggered, run)
             out.update(layer=choice.name, num_channels=choice.channels, sweep=curve, stop_k=k,
@@ -184,13 +208,13 @@ class _Defense:
         if stream.num_samples(val) == 0:
             raise ValueError("the clean validation set is empty")
         choice = find_prune_layer(model, stream.take(val, 2).to(run.device), self.layer)
-        order = channel_order(self.criterion, model, choice.name, val, None, device=run.device, seed=run.seed,
+        order = channel_order(self.criterion, model, choice.name, val, device=run.device, seed=run.seed,
                               workers=run.workers)
         curve = sweep(model, choice.name, val, None, triggered, mode=run.sweep_mode,
                       device=run.device, progress=run.progress, budget_mb=run.budget_mb,
                       max_cache_mb=run.max_cache_mb, checkpoint_path=run.sweep_checkpoint_path,
-                      resume=run.resume, order=order, criterion=self.criterion, workers=run.workers)
-        k = stop_point(curve.clean_correct, curve.num_clean, self.threshold, self.stop_rule)
+                      resume=run.resume, order=order, criterion=self.criterion.spec(), workers=run.workers)
+        k = self.stop_rule.stop(curve.clean_correct, curve.num_clean, self.threshold)
         set_pruned(model, choice.name, curve.order[:k], choice.channels)
         return choice, curve, k
 
@@ -198,7 +222,7 @@ class _Defense:
                   triggered: TriggeredSet | None, before: Metrics, run: RunOptions
                   ) -> tuple[TrainHistory, list[str]]:
         """Fine-tune in place, keeping the epoch with the best validation accuracy, under the
-        accuracy guard: a run whose best epoch is more than `threshold` points below the original
+        accuracy guard: a run whose best epoch is more than `guard_tolerance` points below the original
         model on validation data (counted as the stop rule counts) diverged or over-fitted, and is
         discarded; the next learning rate of `lr_factors` is then tried from the same start, and
         the first run within the threshold is kept. If none is, the model from before
@@ -221,7 +245,7 @@ class _Defense:
                          keep_best=True, progress=run.progress, desc=desc, checkpoint_path=ckpt,
                          resume=run.resume, recipe=self._recipe(), workers=run.workers)
             best = round(accuracy(model, val, run.device, run.workers) * n)
-            if base - best <= self.threshold / 100.0 * n + 1e-9:
+            if base - best <= self.guard_tolerance / 100.0 * n + 1e-9:
                 hist.attempts = discarded
                 return hist, [_retried(discarded, hist)] if discarded else []
             discarded.append({"lr": hist.lr, "best_val_acc": best / n, "diverged": hist.diverged})
@@ -229,7 +253,7 @@ class _Defense:
         hist.best_epoch, hist.attempts = 0, discarded  # epoch 0: the model as it was before fine-tuning
         kept = "the pruned model" if self.method == "fine-prune" else "the original model"
         return hist, [f"fine-tuning discarded: at every learning rate tried ({_tried(discarded)}) its best "
-                      f"epoch was more than {self.threshold:g} points below the original model's "
+                      f"epoch was more than {self.guard_tolerance:g} points below the original model's "
                       f"{100 * base / n:.1f}% on validation data (diverged or over-fitted); "
                       f"the output is {kept}, as before fine-tuning"]
 
@@ -240,7 +264,7 @@ def _tried(attempts: list[dict]) -> str:
 
 
 def _retried(discarded: list[dict], hist: TrainHistory) -> str:
-    return (f"fine-tuning retried gentler: discarded {_tried(discarded)} (more than the threshold below "
+    return (f"fine-tuning retried gentler: discarded {_tried(discarded)} (more than the guard's tolerance below "
             f"the original on validation data); kept lr {hist.lr:g}")
 
 
@@ -251,8 +275,8 @@ class Pruning(_Defense):
 
     threshold: float = DEFAULT_THRESHOLD
     layer: str | None = None
-    stop_rule: str = "paper"  # or "bound": aware of how coarse the validation set is (stop_rule.stop_point)
-    criterion: str = "activation"  # the pruning order: the paper's, or "clp", "anp" (defense.criteria)
+    stop_rule: StopRuleSpec = None  # a stop-rule spec (purify.stop_rules); None: the default
+    criterion: CriterionSpec = None  # the pruning order, a criterion spec (purify.criteria); None: the default
     method = "prune"
 
     def fit(self, model: nn.Module, clean_val: Dataset, triggered: TriggeredSet | None = None,
@@ -262,14 +286,16 @@ class Pruning(_Defense):
 
 @dataclass
 class FineTuning(_Defense):
-    """Retrain all weights briefly on clean data (keeps the epoch with the best validation accuracy;
-    `threshold` is the accuracy guard, see `_finetune`). `finetune`: None for DEFAULT_FINETUNE."""
+    """Retrain all weights briefly on clean data (keeps the epoch with the best validation accuracy,
+    under the accuracy guard, see `_finetune`). `finetune`: None for DEFAULT_FINETUNE. With
+    nothing pruned, `threshold` only serves as the guard's tolerance when `tolerance` is None."""
 
     finetune: TrainConfig | None = None
     threshold: float = DEFAULT_THRESHOLD
     lr_factors: tuple[float, ...] = LR_FACTORS
-    recipe: str | Recipe = "plain"
+    recipe: RecipeSpec = None  # a recipe spec (purify.recipes); None: the default
     precision: str | None = None  # "fp32", "bf16", "fp16" (fineprune.precision); None: finetune's own
+    tolerance: float | None = None  # the accuracy guard's tolerance, points; None: `threshold`'s value
     method = "fine-tune"
 
     def fit(self, model: nn.Module, clean_train: Dataset, clean_val: Dataset,
@@ -285,10 +311,11 @@ class FinePruning(_Defense):
     layer: str | None = None
     finetune: TrainConfig | None = None
     lr_factors: tuple[float, ...] = LR_FACTORS
-    recipe: str | Recipe = "plain"
-    stop_rule: str = "paper"
-    criterion: str = "activation"
+    recipe: RecipeSpec = None
+    stop_rule: StopRuleSpec = None
+    criterion: CriterionSpec = None
     precision: str | None = None  # "fp32", "bf16", "fp16" (fineprune.precision); None: finetune's own
+    tolerance: float | None = None  # the accuracy guard's tolerance, points; None: `threshold`'s value
     method = "fine-prune"
 
     def fit(self, model: nn.Module, clean_train: Dataset, clean_val: Dataset,
@@ -307,25 +334,27 @@ def defend(
     layer: str | None = None,
     finetune: TrainConfig | None = None,
     lr_factors: tuple[float, ...] = LR_FACTORS,
-    recipe: str | Recipe = "plain",
-    stop_rule: str = "paper",
-    criterion: str = "activation",
+    recipe: RecipeSpec = None,
+    stop_rule: StopRuleSpec = None,
+    criterion: CriterionSpec = None,
     run: RunOptions | None = None,
     precision: str | None = None,
+    tolerance: float | None = None,
 ) -> DefenseResult:
     """Run one defense by name ("fine-prune", "prune" or "fine-tune") on a copy of `model`.
 
     `clean_val` chooses everything (ranking, stop point, fine-tuning epoch); `triggered`, if given,
-    is only measured. `threshold`: points (the stop rule and fine-tuning's accuracy guard); `layer`:
-    the pruned layer (None: the last conv layer; fine-tune ignores it); `finetune`: None for
-    DEFAULT_FINETUNE (prune ignores it); `lr_factors`: the fine-tuning learning rates tried, as
-    factors of the configured one, strongest first (see LR_FACTORS); `recipe`: how fine-tuning steps (a name
-    of `fineprune.recipes.RECIPES`: "plain", the paper's, or "augment", "ft-sam", "fst", or a
-    `Recipe`); `stop_rule`: "paper" or "bound" (see `stop_rule.stop_point`); `criterion`: the order
-    channels are pruned in ("activation", the paper's; "clp", "anp": `defense.criteria`); `run`: how it runs
-    (RunOptions: nothing that changes the result); `precision`: fine-tuning's arithmetic, "fp32"
-    (exact), "bf16" or "fp16" (mixed precision, `fineprune.precision`; None: `finetune`'s own, fp32 by
-    default; the sweep and all evaluation stay fp32; prune ignores it).
+    is only measured. `threshold`: the stop rule's, in points; `tolerance`: the fine-tuning accuracy
+    guard's, in points (None: the same value as `threshold`); `layer`: the pruned layer (None: the
+    last conv layer; fine-tune ignores it); `finetune`: None for DEFAULT_FINETUNE (prune ignores
+    it); `lr_factors`: the fine-tuning learning rates tried, as factors of the configured one,
+    strongest first (see LR_FACTORS). `recipe` (how fine-tuning steps), `criterion` (the order
+    channels are pruned in) and `stop_rule` are method specs, `NAME[,key=value...]` (e.g.
+    "ft-sam,rho=8"), mappings or instances of the registered methods (`fineprune.purify`; `fineprune
+    methods` lists them); None is each family's default. `run`: how it runs (RunOptions: nothing
+    that changes the result); `precision`: fine-tuning's arithmetic, "fp32" (exact), "bf16" or
+    "fp16" (mixed precision, `fineprune.precision`; None: `finetune`'s own, fp32 by default; the
+    sweep and all evaluation stay fp32; prune ignores it).
     """
     if method == "prune":
         return Pruning(threshold, layer, stop_rule, criterion).fit(model, clean_val, triggered, run)
@@ -334,7 +363,8 @@ def defend(
     if clean_train is None:
         raise ValueError(f"method {method!r} needs clean training data for fine-tuning")
     if method == "fine-tune":
-        defense = FineTuning(finetune, threshold, lr_factors, recipe, precision=precision)
+        defense = FineTuning(finetune, threshold, lr_factors, recipe, precision=precision, tolerance=tolerance)
         return defense.fit(model, clean_train, clean_val, triggered, run)
-    defense = FinePruning(threshold, layer, finetune, lr_factors, recipe, stop_rule, criterion, precision=precision)
+    defense = FinePruning(threshold, layer, finetune, lr_factors, recipe, stop_rule, criterion, precision=precision,
+                          tolerance=tolerance)
     return defense.fit(model, clean_train, clean_val, triggered, run)

@@ -8,21 +8,23 @@ from torch import nn
 from ..defense.api import LR_FACTORS, DefenseResult, RunOptions, defend, format_lr_factors
 from ..evaluation.metrics import evaluate
 from ..progress import as_progress
+from ..purify.registry import paper, resolve
 from ..runtime import seed_everything
 from .setup import TaskSetup
 from .vocabulary import DEFENSES
 
 
 def defend_one(setup: TaskSetup, attack_name: str, model: nn.Module, info: dict, defense: str,
-               threshold: float, recipe: str = "plain", criterion: str = "activation",
-               stop_rule: str = "paper", lr_factors: tuple[float, ...] = LR_FACTORS
+               threshold: float, recipe: str | None = None, criterion: str | None = None,
+               stop_rule: str | None = None, lr_factors: tuple[float, ...] = LR_FACTORS
                ) -> tuple[dict, DefenseResult | None]:
     """Run `defense` (a noun of `DEFENSES`) on `model` with the defender's clean data; measure it
     on the test split. Returns the results row (task, attack, defense, clean_acc, asr, robust_acc,
-    pruned_fraction, seconds, ...) and the defense's result (None for "none"). `recipe`: the
-    fine-tuning recipe (`fineprune.recipes`), recorded in the row unless it is the paper's "plain";
-    `criterion` (`defense.criteria`) and `stop_rule` (`defense.stop_rule`) likewise, unless they are
-    the paper's "activation" and "paper" (so rows with the defaults are as they always were)."""
+    pruned_fraction, seconds, ...) and the defense's result (None for "none"). `recipe`,
+    `criterion`, `stop_rule`: method specs (`fineprune.purify`; None: each family's default). A
+    method the defense used is recorded in the row, as its canonical spec under its family and
+    fully resolved under "methods", unless it is the paper's (so rows of the paper's fine-pruning
+    are as they always were)."""
     if defense not in DEFENSES:
         raise ValueError(f"defense must be one of {', '.join(DEFENSES)}, not {defense!r}")
     # Fine-tuning's dropout draws from the global RNG: seed it here, so a row does not depend on
@@ -46,16 +48,15 @@ def defend_one(setup: TaskSetup, attack_name: str, model: nn.Module, info: dict,
     elif res.sweep is not None:
         row["stop_k"] = res.stop_k
         row["num_channels"] = res.num_channels
-        if criterion != "activation":
-            row["criterion"] = criterion
-        if stop_rule != "paper":
-            row["stop_rule"] = stop_rule
     if res is not None and res.finetune is not None:
         row["best_epoch"] = res.finetune.best_epoch
         if tuple(lr_factors) != LR_FACTORS:
             row["lr_factors"] = format_lr_factors(lr_factors)
         if res.finetune.attempts:  # the guard retried gentler: the learning rate kept
             row["finetune_lr"] = res.finetune.lr if res.finetune.best_epoch else None
-        if recipe != "plain":
-            row["recipe"] = recipe
+    if res is not None:
+        used = {f: o for f, o in res.methods.items() if resolve(f, o).spec() != paper(f).spec()}
+        row.update({f: resolve(f, o).spec() for f, o in used.items()})
+        if used:
+            row["methods"] = used
     return row, res

@@ -15,6 +15,7 @@ import torch
 
 from ..defense.api import DefenseResult
 from ..progress import Progress, as_progress
+from ..purify.registry import canonical
 from ..runtime import pick_device, seed_everything, write_json_atomic
 from ..tasks import DEFAULT_DATA_ROOT, TaskSpec, get_task
 from .measure import defend_one
@@ -49,9 +50,10 @@ class ReproduceConfig:
     subsample: float = 1.0  # < 1 shrinks every split (tests, quick looks); recorded in results
     epochs: int | None = None  # override the task's attacker epochs (tests)
     finetune_epochs: int | None = None
-    recipe: str = "plain"  # the defender's fine-tuning recipe (fineprune.recipes; "plain": the paper's)
-    criterion: str = "activation"  # the defender's pruning order (fineprune.defense.criteria; the paper's)
-    stop_rule: str = "paper"  # the defender's stop rule (fineprune.defense.stop_rule; "paper": the paper's)
+    # The defender's methods, specs NAME[,key=value...] (fineprune.purify); None: each family's default.
+    recipe: str | None = None  # how fine-tuning trains
+    criterion: str | None = None  # the pruning order
+    stop_rule: str | None = None  # when pruning stops
     device: str | None = None
     progress: bool | Progress = True  # where the run's lines and bars go (True: stderr)
     timings: bool = True  # False: `seconds` fields are null, so two runs' results.json are byte-identical
@@ -84,6 +86,7 @@ def run_record(cfg: ReproduceConfig) -> dict:
 
     settings = {k: v for k, v in vars(cfg).items()
                 if k not in ("progress", "extra", "out", "attacks", "defenses")}
+    settings.update({f: canonical(f, getattr(cfg, f)) for f in ("recipe", "criterion", "stop_rule")})
     return {"settings": settings, "threads": torch.get_num_threads(),
             "device": str(pick_device(cfg.device)), "versions": versions()}
 

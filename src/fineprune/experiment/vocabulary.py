@@ -9,7 +9,7 @@ scripts call `defend()` with the verbs; this table is the only place that relate
 from __future__ import annotations
 
 from ..defense.api import METHODS
-from ..defense.stop_rule import DEFAULT_THRESHOLD
+from ..purify.stop_rules import DEFAULT_THRESHOLD
 
 #: The models an experiment trains: the clean twin, BadNets, and the pruning-aware attack.
 ATTACKS = ("none", "badnets", "pruning-aware")

@@ -16,9 +16,9 @@ axes:                            # a list sweeps the axis; a single value fixes 
   seed: [0, 1, 2]
   subsample: 0.2
   epochs: 2
-  recipe: [plain, augment]       # fine-tuning recipe (fineprune.recipes): plain (the paper's), augment, ft-sam, fst
-  criterion: [activation, clp]   # pruning order (fineprune.defense.criteria): activation (the paper's), clp, anp
-  stop_rule: paper               # paper, or bound (counts a 95% bound on the validation accuracy)
+  recipe: [plain, "ft-sam,rho=8"] # method specs NAME[,key=value...] (`fineprune methods` lists them):
+  criterion: [activation, clp]   #   the fine-tuning recipe, the pruning order and the stop rule
+  stop_rule: paper
 exclude:                         # optional: drop the cells matching all keys of an entry
   - {attack: pruning-aware, threshold: 1}
 ```
@@ -29,25 +29,23 @@ experiments: a clean model (attack "none") has no poison_rate / attack_threshold
 finetune_epochs or recipe.
 
 Cell ids are fingerprints of the params. The recipe, criterion and stop_rule axes came later: a
-cell with the paper's value ("plain", "activation", "paper") or none leaves that axis out of its
-fingerprint, so grids written before keep their ids.
+cell with the paper's method (`purify.registry.paper`) or none leaves that axis out of its
+fingerprint, so grids written before keep their ids. Method axes hold canonical specs (the name,
+then only the options that differ from the defaults), so "ft-sam,rho=2.0" and "ft-sam" are one cell.
 """
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..defense.api import LR_FACTORS, format_lr_factors, parse_lr_factors
-from ..defense.criteria import CRITERIA
-from ..defense.stop_rule import STOP_RULES
 from ..errors import BadInputError
 from ..experiment.vocabulary import ATTACKS, DEFAULT_THRESHOLD, DEFENSES, TRIGGERS
-from ..recipes import RECIPES
+from ..purify.registry import canonical, paper
+from ..purify.registry import load_plugins as _load_plugins
 from ..runtime import fingerprint
 from ..tasks import DEFAULT_DATA_ROOT
 
@@ -64,20 +62,22 @@ AXES: dict[str, Any] = {
     "subsample": 1.0,
     "epochs": None,  # None: the task's attacker epochs
     "finetune_epochs": None,  # None: the task's (or the default) fine-tuning epochs
-    "recipe": "plain",  # the fine-tuning recipe, a name of fineprune.recipes.RECIPES
-    "criterion": "activation",  # the pruning order, a name of fineprune.defense.criteria.CRITERIA
-    "stop_rule": "paper",  # a name of fineprune.defense.stop_rule.STOP_RULES
+    # Method specs (fineprune.purify): the paper's unless a config sweeps them, so a grid measures
+    # the paper's defense whatever the tool's defaults become.
+    "recipe": paper("recipe").spec(),  # the fine-tuning recipe
+    "criterion": paper("criterion").spec(),  # the pruning order
+    "stop_rule": paper("stop_rule").spec(),  # when pruning stops
     "lr_factors": format_lr_factors(LR_FACTORS),  # fine-tuning rates tried, strongest first (defend lr_factors)
     "defender_val_fraction": 0.3,
     "attacker_val_fraction": 0.2,  # held out of the training split: every attacker model trains on the rest
 }
 # The axes whose value is one of a fixed set of names.
-_CHOICES: dict[str, tuple[str, ...]] = {"attack": ATTACKS, "defense": tuple(DEFENSES), "trigger": TRIGGERS,
-                                        "recipe": tuple(RECIPES), "criterion": tuple(CRITERIA),
-                                        "stop_rule": STOP_RULES}
+_CHOICES: dict[str, tuple[str, ...]] = {"attack": ATTACKS, "defense": tuple(DEFENSES), "trigger": TRIGGERS}
+# The axes whose value is a method spec, by family (`purify.registry`).
+_METHOD_AXES = ("recipe", "criterion", "stop_rule")
 # Axes added after the first grids, with the paper's value: a cell leaves them out of its id
 # (and its label) where they hold that value or are collapsed to None.
-LATER_AXES = {"recipe": "plain", "criterion": "activation", "stop_rule": "paper", "trigger": "task",
+LATER_AXES = {**{f: paper(f).spec() for f in _METHOD_AXES}, "trigger": "task",
               "lr_factors": format_lr_factors(LR_FACTORS)}
 # The axes that pick the trained model (the rest only change the defense / measurement).
 MODEL_AXES = ("task", "attack", "poison_rate", "trigger", "attack_threshold", "seed", "subsample", "epochs",
@@ -118,8 +118,8 @@ class Cell:
             bits.append(f"t={_num(p['threshold'])}")
         if p["poison_rate"] is not None:
             bits.append(f"rate={_num(p['poison_rate'])}")
-        for axis, paper in LATER_AXES.items():
-            if p.get(axis) not in (None, paper):
+        for axis, paper_value in LATER_AXES.items():
+            if p.get(axis) not in (None, paper_value):
                 bits.append(f"{axis}={p[axis]}")
         bits.append(f"seed={p['seed']}")
         return " ".join(bits)
@@ -239,23 +239,11 @@ def _resources(value: Any, what: str) -> dict | None:
     return out
 
 
-_LOADED_PLUGINS: set[str] = set()
-
-
 def load_plugins(paths: list[str]) -> None:
-    """Import each plugin file once per process (a plugin can register tasks with
-    `fineprune.tasks.register_task(TaskSpec(...))`; they then work as grid tasks)."""
-    for path in paths:
-        if path in _LOADED_PLUGINS:
-            continue
-        name = f"fineprune_grid_plugin_{fingerprint(path, 8)}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise BadInputError(f"plugin {path} cannot be imported")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        _LOADED_PLUGINS.add(path)
+    """Import each plugin file once per process: a plugin can register tasks with
+    `fineprune.tasks.register_task(TaskSpec(...))`, and methods (`fineprune.purify`); they then
+    work as grid tasks and axis values (`purify.registry.load_plugins`)."""
+    _load_plugins(paths)
 
 
 # ---- expansion -------------------------------------------------------------------------------
@@ -287,6 +275,8 @@ def _check(name: str, v: Any) -> Any:
             return format_lr_factors(parse_lr_factors(v))
         except BadInputError as exc:
             raise fail(str(exc)) from None
+    if name in _METHOD_AXES:
+        return canonical(name, v, what=f"axis {name}")
     if name in _CHOICES:
         if not isinstance(v, str) or v not in _CHOICES[name]:
             raise fail(f"expected one of {', '.join(_CHOICES[name])}")

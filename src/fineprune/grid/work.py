@@ -84,6 +84,7 @@ def run_cell(cell: dict, model: dict) -> dict:
     from ..defense.api import LR_FACTORS, format_lr_factors, parse_lr_factors
     from ..defense.persist import load_pruned
     from ..experiment import DEFAULT_THRESHOLD, defend_one
+    from ..purify.registry import paper
 
     t0 = time.perf_counter()
     load_plugins(cell.get("plugins", []))
@@ -93,9 +94,8 @@ def run_cell(cell: dict, model: dict) -> dict:
     # defend_one seeds its own draws: the same cell gives the same numbers in any worker.
     threshold = _or(params["threshold"], DEFAULT_THRESHOLD)
     row, _ = defend_one(setup, params["attack"], net, model.get("info", {}), params["defense"], threshold,
-                        recipe=params.get("recipe") or "plain",
-                        criterion=params.get("criterion") or "activation",
-                        stop_rule=params.get("stop_rule") or "paper",
+                        # an axis collapsed to None does not apply to this defense: the paper's then
+                        **{f: params.get(f) or paper(f).spec() for f in ("recipe", "criterion", "stop_rule")},
                         lr_factors=parse_lr_factors(params.get("lr_factors") or format_lr_factors(LR_FACTORS)))
     for k in ("task", "attack", "defense"):
         row.pop(k, None)

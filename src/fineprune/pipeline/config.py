@@ -65,4 +65,8 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         value = options.get(key)
         if isinstance(value, str) and task_ref(value) is None and not Path(value).expanduser().is_absolute():
             options[key] = str(p.parent / value)
+    plugins = options.get("plugins")
+    if plugins is not None:
+        plugins = [plugins] if isinstance(plugins, str) else list(plugins)
+        options["plugins"] = [str(pl if Path(pl).expanduser().is_absolute() else p.parent / pl) for pl in plugins]
     return options

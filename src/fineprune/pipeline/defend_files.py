@@ -23,12 +23,12 @@ from ..errors import BadInputError
 from ..evaluation.metrics import TriggeredSet, accuracy
 from ..io.model_files import load_weights
 from ..io.onnx_export import OnnxExport, export_onnx
-from ..precision import check_precision
+from ..precision import DEFAULT_PRECISION, check_precision
 from ..progress import Progress, as_progress
-from ..recipes import get_recipe
+from ..purify.registry import default, resolve
 from ..runtime import pick_device, seed_everything
 from .inputs import DataInput, Preprocessing, TaskSource, load_input, load_triggered, relabel_by_name
-from .job import DefendJob
+from .job import METHOD_FIELDS, DefendJob
 from .model_input import build_model, check_outputs, first_conv_channels
 from .outdir import (
     CHECKPOINT_NAME,
@@ -108,7 +108,7 @@ def defend_files(job: DefendJob, *, progress: bool | Progress = False) -> Defend
     seed_everything(job.seed)
     device = pick_device(job.device)
     if job.method != "prune":  # an unusable precision is refused before any work
-        check_precision(job.precision, device, get_recipe(job.recipe))
+        check_precision(job.precision, device, resolve("recipe", job.recipe))
 
     say(f"[1/{PHASES}] reading the model file {job.model}")
     loaded = load_weights(job.model)  # refuses unsafe pickles before anything else happens
@@ -151,15 +151,12 @@ def defend_files(job: DefendJob, *, progress: bool | Progress = False) -> Defend
     warnings = accuracy_warnings(acc0, y_val, job.threshold)
     if job.method == "fine-tune" and job.layer:
         warnings.append("`layer` is ignored by `method` fine-tune (nothing is pruned)")
-    if job.method == "prune" and job.recipe != "plain":
-        warnings.append(f"`recipe` {job.recipe} is ignored by `method` prune (nothing is fine-tuned)")
-    if job.method == "prune" and job.precision != "fp32":
-        warnings.append(f"`precision` {job.precision} is ignored by `method` prune (nothing is fine-tuned)")
-    if job.method == "fine-tune":
-        if job.criterion != "activation":
-            warnings.append(f"`criterion` {job.criterion} is ignored by `method` fine-tune (nothing is pruned)")
-        if job.stop_rule != "paper":
-            warnings.append(f"`stop_rule` {job.stop_rule} is ignored by `method` fine-tune (nothing is pruned)")
+    ignored = {"prune": (("recipe", "precision"), "nothing is fine-tuned"),
+               "fine-tune": (("criterion", "stop_rule"), "nothing is pruned")}.get(job.method, ((), ""))
+    defaults = {"precision": DEFAULT_PRECISION, **{f: default(f).spec() for f in METHOD_FIELDS}}
+    for option in ignored[0]:
+        if getattr(job, option) != defaults[option]:
+            warnings.append(f"`{option}` {getattr(job, option)} is ignored by `method` {job.method} ({ignored[1]})")
     for w in warnings:
         say(f"warning: {w}")
     say(f"    clean accuracy before the defense: {100 * acc0:.1f}% on {len(y_val)} validation samples")
@@ -173,7 +170,7 @@ def defend_files(job: DefendJob, *, progress: bool | Progress = False) -> Defend
                          else Path(job.out).expanduser() / SWEEP_CHECKPOINT_NAME)
     result = defend(model, train_ds, val_ds, job.method, triggered=triggered, layer=job.layer,
                     threshold=job.threshold, finetune=job.finetune_config(), recipe=job.recipe,
-                    criterion=job.criterion, stop_rule=job.stop_rule, run=options,
+                    criterion=job.criterion, stop_rule=job.stop_rule, run=options, tolerance=job.tolerance,
                     lr_factors=parse_lr_factors(job.lr_factors) if job.lr_factors else LR_FACTORS)
     timings.update(result.timings)
     timings["defense"] = result.seconds

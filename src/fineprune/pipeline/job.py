@@ -11,17 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..defense.api import DEFAULT_FINETUNE, METHODS, format_lr_factors, parse_lr_factors
-from ..defense.criteria import CRITERIA
-from ..defense.stop_rule import DEFAULT_THRESHOLD, STOP_RULES, check_threshold
 from ..errors import BadInputError
-from ..precision import PRECISIONS
-from ..recipes import RECIPES
+from ..precision import DEFAULT_PRECISION, PRECISIONS
+from ..purify.registry import canonical, default, load_plugins
+from ..purify.stop_rules import DEFAULT_THRESHOLD, check_threshold
 from ..training import TrainConfig
 from .inputs import task_ref
 
-# Options added after the first runs: spelled out in command lines only when not the paper's.
-_PAPER_DEFAULTS = {"recipe": "plain", "criterion": "activation", "stop_rule": "paper", "precision": "fp32",
-                   "channels_last": False}
+#: The method families a job names by spec (`purify.registry`), as its fields.
+METHOD_FIELDS = ("recipe", "criterion", "stop_rule")
 #: What `export` can write besides the safetensors files.
 EXPORTS = ("onnx",)
 
@@ -60,9 +58,12 @@ class DefendJob:
     lr: float | None = None
     batch_size: int | None = None
     optimizer: str | None = None
-    recipe: str = "plain"  # the fine-tuning recipe, a name of fineprune.recipes.RECIPES
-    criterion: str = "activation"  # the pruning order, a name of fineprune.defense.criteria.CRITERIA
-    stop_rule: str = "paper"  # a name of fineprune.defense.stop_rule.STOP_RULES
+    # Method specs, NAME[,key=value...] (`fineprune.purify`); None: the family's default. `validate`
+    # makes each the canonical spec text.
+    recipe: str | None = None  # how fine-tuning trains
+    criterion: str | None = None  # the pruning order
+    stop_rule: str | None = None  # how many channels the sweep's order prunes
+    tolerance: float | None = None  # the fine-tuning accuracy guard's tolerance, points (None: `threshold`)
     lr_factors: str | None = None  # "1,0.3,0.1": fine-tuning rates tried, strongest first (None: LR_FACTORS)
     seed: int = 0
     device: str | None = None
@@ -71,9 +72,10 @@ class DefendJob:
     resume: bool = False  # continue from the checkpoints an interrupted run left in `out`
     max_cache_mb: float | None = None  # bound on the sweep's cached features (None: keep them all)
     workers: int | None = None  # DataLoader processes decoding folder data (None: 0, the main process)
-    precision: str = "fp32"  # fine-tuning arithmetic: fp32, bf16 or fp16 (fineprune.precision)
+    precision: str = DEFAULT_PRECISION  # fine-tuning arithmetic: fp32, bf16 or fp16 (fineprune.precision)
     channels_last: bool = False  # fine-tune 4-D image models in channels-last memory layout
     export: str | None = None  # "onnx": also model.onnx (and model-compact.onnx), checked with onnxruntime
+    plugins: list[str] | None = None  # Python files imported first (they may register methods or tasks)
 
     def validate(self) -> "DefendJob":
         """Raise BadInputError (one line, with the fix) for any unusable option; return self."""
@@ -82,10 +84,18 @@ class DefendJob:
                 raise BadInputError(f"`{name}` is required")
         if self.method not in METHODS:
             raise BadInputError(f"`method` must be one of {', '.join(METHODS)}, not {self.method!r}")
-        try:
-            self.threshold = check_threshold(self.threshold)
-        except (TypeError, ValueError) as exc:
-            raise BadInputError(f"`threshold`: {exc}") from None
+        for name in ("threshold", "tolerance"):
+            if getattr(self, name) is None and name == "tolerance":
+                continue
+            try:
+                setattr(self, name, check_threshold(getattr(self, name)))
+            except (TypeError, ValueError) as exc:
+                raise BadInputError(f"`{name}`: {exc}") from None
+        if self.plugins:
+            self.plugins = [str(p) for p in ([self.plugins] if isinstance(self.plugins, (str, Path)) else self.plugins)]
+            load_plugins(self.plugins)
+        for family in METHOD_FIELDS:
+            setattr(self, family, canonical(family, getattr(self, family)))
         if not 0.0 < float(self.val_fraction) < 1.0:
             raise BadInputError(f"`val_fraction` must lie strictly between 0 and 1, got {self.val_fraction}")
         if self.max_cache_mb is not None:
@@ -123,14 +133,8 @@ class DefendJob:
             raise BadInputError(f"`batch_size` must be >= 1, got {self.batch_size}")
         if self.optimizer is not None and self.optimizer not in ("sgd", "adam"):
             raise BadInputError(f"`optimizer` must be sgd or adam, not {self.optimizer!r}")
-        if not isinstance(self.recipe, str) or self.recipe not in RECIPES:
-            raise BadInputError(f"`recipe` must be one of {', '.join(RECIPES)}, not {self.recipe!r}")
-        if not isinstance(self.criterion, str) or self.criterion not in CRITERIA:
-            raise BadInputError(f"`criterion` must be one of {', '.join(CRITERIA)}, not {self.criterion!r}")
         if self.lr_factors is not None:
             self.lr_factors = format_lr_factors(parse_lr_factors(self.lr_factors))
-        if not isinstance(self.stop_rule, str) or self.stop_rule not in STOP_RULES:
-            raise BadInputError(f"`stop_rule` must be one of {', '.join(STOP_RULES)}, not {self.stop_rule!r}")
         if not isinstance(self.precision, str) or self.precision not in PRECISIONS:
             raise BadInputError(f"`precision` must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.export is not None and self.export not in EXPORTS:
@@ -169,14 +173,20 @@ class DefendJob:
         return dataclasses.replace(base, **overrides, precision=self.precision, channels_last=bool(self.channels_last))
 
     def command_line(self) -> str:
-        """An equivalent `fineprune defend` command (every effective option spelled out; the
-        recipe, criterion and stop rule only when they are not the paper's, so earlier runs'
+        """An equivalent `fineprune defend` command (every effective option spelled out; options
+        added after the first runs only when they differ from their defaults, so earlier runs'
         command lines stay as they were)."""
+        later = {**{f: default(f).spec() for f in METHOD_FIELDS}, "precision": DEFAULT_PRECISION,
+                 "channels_last": False}
         args = ["fineprune", "defend"]
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             flag = "--" + f.name.replace("_", "-")
-            if f.name in _PAPER_DEFAULTS and value == _PAPER_DEFAULTS[f.name]:
+            if f.name in later and value == later[f.name]:
+                continue
+            if f.name == "plugins":
+                for plugin in value or []:
+                    args += ["--plugin", str(plugin)]
                 continue
             if f.name == "compact":
                 if not value:

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from ..defense.api import DefenseResult
 from ..defense.bake import BakeResult, TraceResult
 from ..defense.compact import CompactResult
+from ..defense.decision import decision_of
 from ..defense.sweep import SweepCurve
 from ..evaluation.metrics import Metrics
 from ..io.onnx_export import OnnxExport
-from ..recipes import get_recipe
 from .job import DefendJob
 
 #: The masked model as TorchScript, written when model.safetensors cannot carry the pruning in
@@ -106,10 +106,14 @@ def metrics_json(run: RunRecord) -> dict:
 def model_json(run: RunRecord) -> dict:
     r, job = run.result, run.job
     hist = r.finetune
+    decision = decision_of(r)
     return {
         "fineprune": run.versions.get("fineprune"),
         "created": run.created,
         "method": r.method,
+        # What the defense decided, read off its result (never the configuration), with the one
+        # sentence the report's headline and the terminal's summary both say (defense/decision.py).
+        "decision": decision.to_dict(),
         "layer": r.layer,
         "layer_reason": r.layer_reason,
         "num_channels": r.num_channels,
@@ -128,13 +132,15 @@ def model_json(run: RunRecord) -> dict:
         "sweep": None if r.sweep is None else {
             "mode": r.sweep.mode, "stop_k": r.stop_k, "seconds": round(r.sweep.seconds, 3),
             **{k: r.sweep.extra[k] for k in ("streamed_samples", "cache_mb") if k in r.sweep.extra},
-            "max_cache_mb": job.max_cache_mb, "criterion": job.criterion, "stop_rule": job.stop_rule},
+            "max_cache_mb": job.max_cache_mb,
+            # the full resolved specs (name and every option) the defense used
+            "criterion": r.methods.get("criterion"), "stop_rule": r.methods.get("stop_rule")},
         "finetune": None if hist is None else {
             "config": job.finetune_config().to_dict(),
-            "recipe": get_recipe(job.recipe).options(),
+            "recipe": r.methods.get("recipe"),
             "precision": job.precision,  # the sweep and all evaluation run in fp32 regardless
             "best_epoch": hist.best_epoch,
-            "lr": hist.lr if hist.best_epoch else None,  # the rate kept (the guard may retry gentler)
+            "lr": decision.lr,  # the rate kept (the guard may retry gentler); None when it kept no run
             "discarded": hist.attempts,  # runs the accuracy guard discarded: lr, best_val_acc, diverged
             "epochs": [vars(e) for e in hist.epochs]},
         "compact": None if run.compact is None else run.compact.to_dict(),

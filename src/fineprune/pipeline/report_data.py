@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..defense.decision import DISCARDED, decision_of, finetune_words, headline
 from ..errors import as_flags
+from ..purify.registry import paper, resolve, summary
 from ..report.html import FigureBlock, MetricRow, ReportData
 from .record import TORCHSCRIPT_NAME, RunRecord
 
@@ -22,10 +24,7 @@ def _count(n: int | None) -> str:
 def _verdict(run: RunRecord) -> str:
     r = run.result
     b, a = r.before, r.after
-    what = {"fine-prune": f"Pruned {len(r.pruned_channels)} of {r.num_channels} channels of {r.layer}, "
-                          "then fine-tuned.",
-            "prune": f"Pruned {len(r.pruned_channels)} of {r.num_channels} channels of {r.layer}.",
-            "fine-tune": "Fine-tuned all weights on the clean data."}[r.method]
+    what = headline(r)  # the recorded decision, as the terminal and model.json say it
     ca = f"clean accuracy {_pct(b.clean_acc)} → {_pct(a.clean_acc)} ({100 * (a.clean_acc - b.clean_acc):+.1f} points)"
     caveat = "" if run.plain_load_is_defended else (
         " Caution: model.safetensors is defended only when loaded with fineprune (see 'Loading without "
@@ -37,18 +36,18 @@ def _verdict(run: RunRecord) -> str:
     return f"{what} Attack success rate {_pct(b.asr)} → {_pct(a.asr)}; {ca}." + caveat
 
 
-_CRITERION_WORDS = {
-    "activation": "activation (the paper's): increasing mean activation on clean data",
-    "clp": "clp: decreasing channel Lipschitz bound, from the weights alone",
-    "anp": "anp: increasing adversarial neuron perturbation mask, learned on clean data",
-}
+def _method_words(family: str, options: dict) -> str:
+    """"spec (the paper's): what it is", from the method registry and the options the defense used."""
+    method = resolve(family, options)
+    mark = " (the paper's)" if method.spec() == paper(family).spec() else ""
+    about = summary(type(method))
+    return f"{method.spec()}{mark}: {about[:1].lower()}{about[1:]}"
 
 
-def _stop_rule_words(rule: str, threshold: float) -> str:
-    words = f"{rule}: stay within {threshold:g} points of the starting validation accuracy"
-    if rule == "bound":
-        words += ", counting a one-sided 95% bound on the pruned model's"
-    return words
+def _stop_rule_words(options: dict, threshold: float) -> str:
+    rule = resolve("stop_rule", options)
+    return (f"{rule.spec()}: stay within {threshold:g} points of the starting validation accuracy "
+            f"({summary(type(rule))})")
 
 
 def _summary(run: RunRecord) -> list[tuple[str, str]]:
@@ -66,13 +65,14 @@ def _summary(run: RunRecord) -> list[tuple[str, str]]:
             rows.append(("why this layer", as_flags(r.layer_reason)))
         rows += [("pruned", f"{len(r.pruned_channels)} of {r.num_channels} channels "
                             f"({100 * r.pruned_fraction:.1f}%)"),
-                 ("pruning order", _CRITERION_WORDS.get(job.criterion, job.criterion)),
-                 ("stop rule", _stop_rule_words(job.stop_rule, r.threshold))]
+                 ("pruning order", _method_words("criterion", r.methods["criterion"])),
+                 ("stop rule", _stop_rule_words(r.methods["stop_rule"], r.threshold))]
     if r.finetune is not None:
         cfg = job.finetune_config()
-        recipe = "plain (the paper's)" if job.recipe == "plain" else job.recipe
-        rows.append(("fine-tuning", f"{cfg.epochs} epochs, {cfg.optimizer}, lr {cfg.lr:g}, batch "
-                                    f"{cfg.batch_size}, recipe {recipe}; kept epoch {r.finetune.best_epoch}"))
+        recipe = _method_words("recipe", r.methods["recipe"]).split(":")[0]
+        # The learning rate shown is the one the accuracy guard kept, not the configured one.
+        rows.append(("fine-tuning", f"{cfg.epochs} epochs, {cfg.optimizer}, batch {cfg.batch_size}, recipe "
+                                    f"{recipe}; {finetune_words(decision_of(r))}"))
     sp = run.split
     rows.append(("clean data", as_flags(sp["description"])))
     if "triggered" in run.inputs:
@@ -116,6 +116,7 @@ def _figures(run: RunRecord, pngs: dict[str, bytes]) -> list[FigureBlock]:
     r = run.result
     k, layer = r.stop_k, r.layer
     trig = "triggered" in run.inputs
+    d = decision_of(r)
     return [
         FigureBlock(
             f"Activations of the pruned layer ({layer})" if layer else "Activations of the pruned layer",
@@ -139,8 +140,13 @@ def _figures(run: RunRecord, pngs: dict[str, bytes]) -> list[FigureBlock]:
             "Clean validation accuracy" + (" and attack success rate" if trig else "")
             + " after each fine-tuning epoch (epoch 0: the model fine-tuning started from"
             + (", i.e. after pruning" if r.method == "fine-prune" else "")
-            + "). The epoch with the best validation accuracy is kept (dashed line); grey dotted: "
-            "training loss (right axis).",
+            + (f"). The accuracy guard discarded every run, so no epoch was kept: the curves are the last "
+               f"run tried (lr {d.discarded[-1]['lr']:g}), and the output is the model at epoch 0 (dashed "
+               "line); " if d.finetune == DISCARDED and d.discarded else
+               f"). Shown: the run the accuracy guard kept (lr {d.lr:g}); its epoch with the best validation "
+               "accuracy is kept (dashed line); " if d.lr is not None else
+               "). The epoch with the best validation accuracy is kept (dashed line); ")
+            + "grey dotted: training loss (right axis).",
             missing="No fine-tuning (method prune)."),
     ]
 

@@ -153,8 +153,10 @@ def finetune_figure(history: TrainHistory, start_acc: float | None = None,
         y_asr = ([start_asr] if start_asr is not None else []) + asr
         ax.plot(x_asr, _pct(y_asr), "s-", color=ASR, lw=2, ms=4, label="attack success rate")
     if history.best_epoch is not None:
+        # Epoch 0 is kept only when the defense's accuracy guard discarded every run (see api._finetune).
         ax.axvline(history.best_epoch, color="#444", ls="--", lw=1.2,
-                   label=f"kept: epoch {history.best_epoch} (best validation accuracy)")
+                   label="kept: epoch 0 (every run discarded by the accuracy guard)" if history.best_epoch == 0
+                   else f"kept: epoch {history.best_epoch} (best validation accuracy)")
     loss_ax = ax.twinx()
     loss_ax.plot(epochs, [r.train_loss for r in history.epochs], color="#999", lw=1, ls=":",
                  label="training loss")

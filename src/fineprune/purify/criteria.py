@@ -1,18 +1,12 @@
-"""Pruning criteria beside the paper's: other trigger-agnostic orders of one layer's channels.
+"""Pruning criteria: trigger-agnostic orders of one layer's channels, registered methods of the
+family "criterion" (`purify.registry`).
 
-Each criterion returns the layer's channels in pruning order (most suspicious first); the order is
-then evaluated by the same exact sweep (`sweep(..., order=...)`) and the same stop rule as the
-paper's mean-activation ranking. None of them looks at triggered data.
+Each criterion's `rank` returns the layer's channels in pruning order (most suspicious first); the
+order is then evaluated by the same exact sweep (`sweep(..., order=...)`) and the same stop rule as
+the paper's mean-activation ranking. None of them looks at triggered data: the paper's ranking
+(`Activation`), the channel Lipschitz bound (`CLP`) and adversarial neuron perturbation (`ANP`).
 
-* `activation` -- Liu et al., "Fine-Pruning", RAID 2018: increasing mean activation on clean data.
-  The sweep computes it itself, so `channel_order` returns None for it.
-* `clp` -- Zheng et al., "Data-Free Backdoor Removal based on Channel Lipschitzness", ECCV 2022:
-  decreasing upper bound of each channel's Lipschitz constant, from the weights alone.
-* `anp` -- Wu & Wang, "Adversarial Neuron Pruning Purifies Backdoored Deep Models", NeurIPS 2021:
-  increasing value of a per-channel mask learned against adversarial channel perturbations on
-  clean data, restricted here to the pruned layer.
-
-Both work on a conv map's channels (dim 1) and on a transformer MLP's hidden units (the LAST dim of
+CLP and ANP work on a conv map's channels (dim 1) and on a transformer MLP's hidden units (the LAST dim of
 a (batch, tokens, hidden) output, `layer.LayerChoice.channel_dim == -1`): there a "channel" is one
 hidden unit over all tokens, the unit the sweep ranks and the mask zeroes, so the criteria must
 score the same units or their orders would not be permutations of what the sweep prunes.
@@ -20,7 +14,8 @@ score the same units or their orders would not be permutations of what the sweep
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -28,8 +23,9 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from ..data import stream
-from .layer import _MLP_INNER_TYPES, CHANNELWISE_TYPES, CONV_TYPES, _layout, channel_dim_of, trace_calls
-from .mask import CHANNEL_DIM_ATTR, keep_shape
+from ..defense.layer import _MLP_INNER_TYPES, CHANNELWISE_TYPES, CONV_TYPES, _layout, channel_dim_of, trace_calls
+from ..defense.mask import CHANNEL_DIM_ATTR, keep_shape
+from .registry import Method, resolve
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Channel-wise modules that change the values but not a channel's Lipschitz bound up to a
@@ -48,7 +44,7 @@ def activation_order(model: nn.Module, layer: str, clean_x: torch.Tensor | Datas
     """The paper's ranking (Liu et al., RAID 2018): channels by increasing mean activation of
     `layer`'s output on clean data, ties by index. This is what the sweep does when it is given
     no order; provided for comparison and for callers that want the list itself."""
-    from .sweep import layer_means
+    from ..defense.sweep import layer_means
 
     means = layer_means(model, layer, clean_x, batch_size, device, workers)
     return torch.sort(means, stable=True).indices.tolist()
@@ -299,31 +295,86 @@ def anp_order(model: nn.Module, layer: str, clean_x: torch.Tensor | Dataset, cle
     return torch.sort(m, stable=True).indices.tolist()
 
 
-Criterion = Callable[..., "list[int] | None"]
+@dataclass
+class Criterion(Method, family="criterion"):
+    """Base of the pruning criteria: `rank` returns the layer's channels in pruning order (most
+    suspicious first), from the defender's clean validation data (or the weights) only."""
+
+    # The paper's ranking. What chose it: the paper; CLP and ANP are not yet chosen by any worst
+    # case (BENCHMARKS, "Purification on the real tasks").
+    default_spec: ClassVar[str] = "activation"
+    paper_spec: ClassVar[str] = "activation"  # the paper's (Liu et al., RAID 2018)
+    # True when the sweep computes exactly this ranking in its own single pass over the clean data
+    # (so a defense need not call `rank` and pay a second pass; the result is the same list).
+    ranked_by_sweep: ClassVar[bool] = False
+
+    def rank(self, model: nn.Module, layer: str, clean: Dataset, *, device: torch.device | None = None,
+             seed: int = 0, workers: int = 0) -> list[int]:
+        raise NotImplementedError
 
 
-def _activation(model, layer, clean_x, clean_y, *, device=None, seed=0, workers=0):
-    return None  # the sweep ranks by mean activation itself
+@dataclass
+class Activation(Criterion):
+    """Increasing mean activation on clean data (Liu et al., "Fine-Pruning", RAID 2018), ties by
+    index: the paper's ranking."""
+
+    name: ClassVar[str] = "activation"
+    ranked_by_sweep: ClassVar[bool] = True
+
+    def rank(self, model, layer, clean, *, device=None, seed=0, workers=0) -> list[int]:
+        return activation_order(model, layer, clean, device=device, workers=workers)
 
 
-def _clp(model, layer, clean_x, clean_y, *, device=None, seed=0, workers=0):
-    return clp_order(model, layer, stream.take(clean_x, 2))
+@dataclass
+class CLP(Criterion):
+    """Decreasing channel Lipschitz upper bound, from the weights alone (Zheng et al., "Data-Free
+    Backdoor Removal based on Channel Lipschitzness", ECCV 2022); see `uclc`. The paper's
+    threshold u is replaced by the sweep and the stop rule, so CLP has no option here."""
+
+    name: ClassVar[str] = "clp"
+
+    def rank(self, model, layer, clean, *, device=None, seed=0, workers=0) -> list[int]:
+        return clp_order(model, layer, stream.take(clean, 2))
 
 
-def _anp(model, layer, clean_x, clean_y, *, device=None, seed=0, workers=0):
-    return anp_order(model, layer, clean_x, clean_y, seed=seed, device=device, workers=workers)
+@dataclass
+class ANP(Criterion):
+    """Increasing adversarial-neuron-perturbation mask (Wu & Wang, "Adversarial Neuron Pruning
+    Purifies Backdoored Deep Models", NeurIPS 2021), learned on clean data; see `anp_mask`.
+    Defaults: the paper's eps 0.4, alpha 0.2, mask lr 0.2 and momentum 0.9, one perturbation step;
+    200 iterations of batch 64 (the paper runs 2,000 on CIFAR-10; fewer suffice for the small
+    layer masked here)."""
+
+    name: ClassVar[str] = "anp"
+    eps: float = 0.4
+    alpha: float = 0.2
+    iterations: int = 200
+    batch_size: int = 64
+    steps: int = 1
+    lr: float = 0.2
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not (self.eps >= 0 and 0 <= self.alpha <= 1 and self.iterations >= 1 and self.batch_size >= 1
+                and self.steps >= 1 and self.lr > 0 and 0 <= self.momentum < 1):
+            raise ValueError("needs eps >= 0, 0 <= alpha <= 1, iterations, batch_size, steps >= 1, lr > 0, "
+                             f"0 <= momentum < 1; got {self.options()}")
+
+    def rank(self, model, layer, clean, *, device=None, seed=0, workers=0) -> list[int]:
+        return anp_order(model, layer, clean, None, seed=seed, device=device, workers=workers,
+                         iterations=self.iterations, batch_size=self.batch_size, eps=self.eps,
+                         steps=self.steps, alpha=self.alpha, lr=self.lr, momentum=self.momentum)
 
 
-CRITERIA: dict[str, Criterion] = {"activation": _activation, "clp": _clp, "anp": _anp}
-
-
-def channel_order(name: str, model: nn.Module, layer: str, clean_x: torch.Tensor | Dataset,
-                  clean_y: torch.Tensor | None = None, *, device: torch.device | None = None,
-                  seed: int = 0, workers: int = 0) -> list[int] | None:
-    """The pruning order of `layer`'s channels by criterion `name` (see `CRITERIA`), to pass as
-    `sweep(..., order=..., criterion=name)`; None for "activation" (the sweep's own ranking).
-    `clean_x`, `clean_y`: the defender's clean validation data (CLP uses only its shape), as
-    tensors or as a Dataset `clean_x` with `clean_y` None (`workers`: its DataLoader processes)."""
-    if name not in CRITERIA:
-        raise ValueError(f"unknown pruning criterion {name!r}; choose one of {', '.join(CRITERIA)}")
-    return CRITERIA[name](model, layer, clean_x, clean_y, device=device, seed=seed, workers=workers)
+def channel_order(spec: str | Criterion | None, model: nn.Module, layer: str, clean: Dataset | torch.Tensor,
+                  clean_y: torch.Tensor | None = None, *, device: torch.device | None = None, seed: int = 0,
+                  workers: int = 0) -> list[int] | None:
+    """The pruning order of `layer`'s channels by criterion `spec`, to pass as
+    `sweep(..., order=...)`; None where the sweep computes the same ranking itself
+    (`ranked_by_sweep`, the paper's). `clean`: a Dataset, or inputs with their labels `clean_y`."""
+    criterion = resolve("criterion", spec, what="`criterion`")
+    if criterion.ranked_by_sweep:
+        return None
+    if isinstance(clean, torch.Tensor):
+        clean = TensorDataset(clean, clean_y if clean_y is not None else torch.zeros(len(clean), dtype=torch.long))
+    return criterion.rank(model, layer, clean, device=device, seed=seed, workers=workers)

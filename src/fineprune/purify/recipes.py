@@ -1,4 +1,5 @@
-"""Fine-tuning recipes for the defender's second stage, selectable by name (`get_recipe`).
+"""Fine-tuning recipes for the defender's second stage, registered methods of the family
+"recipe" (`purify.registry`; a spec such as `ft-sam,rho=8` picks one with its options).
 
 A recipe is the part of one training step that differs between fine-tuning methods; the loop in
 `fineprune.training` calls its hooks: `prepare(model, example, generator)` once before the first
@@ -11,12 +12,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .registry import Method
 
 Closure = Callable[[], torch.Tensor]
 
@@ -52,22 +55,21 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, flip: bool = Fals
 
 
 @dataclass
-class Recipe:
+class Recipe(Method, family="recipe"):
     """Base recipe = plain fine-tuning. `augmentation` turns on `augment_batch` for training
     batches (`flip` allows horizontal flips: leave it off for text, digits and signs);
     `label_smoothing` is passed to the cross-entropy."""
 
-    name: ClassVar[str] = "plain"
+    # The paper's fine-tuning. What chose it: the paper; the real-task comparison (BENCHMARKS,
+    # "Purification on the real tasks") has not yet found a recipe with a better worst case.
+    default_spec: ClassVar[str] = "plain"
+    paper_spec: ClassVar[str] = "plain"  # the paper's (Liu et al., RAID 2018)
     # Whether `step` works under fp16 loss scaling: True when it only runs the closure and calls
     # opt.step() (which the scaler wraps); False when it uses the raw gradients itself.
     grad_scaler: ClassVar[bool] = True
     augmentation: bool = False
     flip: bool = False
     label_smoothing: float = 0.0
-
-    def options(self) -> dict:
-        """The recipe's name and options (for records and checkpoint keys)."""
-        return {"name": self.name, **{f.name: getattr(self, f.name) for f in fields(self) if f.init}}
 
     def prepare(self, model: nn.Module, example: torch.Tensor, generator: torch.Generator) -> None:
         """Called once before training (`example`: a training batch on the model's device)."""
@@ -215,19 +217,3 @@ class FST(Recipe):
         with torch.no_grad():
             head.weight.mul_(self.norm / head.weight.norm().clamp_min(1e-12))
         return loss
-
-
-RECIPES: dict[str, type[Recipe]] = {cls.name: cls for cls in (Plain, Augment, FTSAM, FST)}
-
-
-def get_recipe(name: str, **options) -> Recipe:
-    """The recipe `name` ("plain", "augment", "ft-sam", "fst") with `options` (its dataclass
-    fields, e.g. flip=True, rho=8.0, alpha=0.1, augmentation=True)."""
-    cls = RECIPES.get(name)
-    if cls is None:
-        raise ValueError(f"unknown fine-tuning recipe {name!r}; choose one of {', '.join(RECIPES)}")
-    allowed = [f.name for f in fields(cls) if f.init]
-    bad = sorted(set(options) - set(allowed))
-    if bad:
-        raise ValueError(f"recipe {name!r} has no option(s) {', '.join(bad)}; its options: {', '.join(allowed)}")
-    return cls(**options)
