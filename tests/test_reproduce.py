@@ -156,7 +156,7 @@ def test_attacker_validation_is_held_out_of_what_its_models_train_on(tmp_path, m
         shared = val & rows(x)
         assert not shared, f"{len(shared)} attacker-validation samples in the {where} training data"
     for name in ("none", "badnets", "pruning-aware"):
-        assert rep.model_recipe(setup, name)[1]["attacker_split"]["val"] == len(val)
+        assert rep.model_provenance(setup, name)[1]["attacker_split"]["val"] == len(val)
 
 
 def test_blend_trigger_setup_names_its_own_models():
@@ -164,7 +164,7 @@ def test_blend_trigger_setup_names_its_own_models():
     input; the models it makes have their own recipe, so they never reuse the task trigger's."""
     import torch
 
-    from fineprune.experiment import load_task_data, model_recipe, prepare_task
+    from fineprune.experiment import load_task_data, model_provenance, prepare_task
     from fineprune.experiment.setup import BLEND_ALPHA
     from fineprune.tasks import get_task
 
@@ -177,7 +177,7 @@ def test_blend_trigger_setup_names_its_own_models():
     assert (diff.flatten(1) > 0).float().mean() > 0.9  # everywhere, not a patch
     assert torch.allclose(blend.attack.trigger(x), (1 - BLEND_ALPHA) * x + BLEND_ALPHA * blend.attack.trigger.pattern)
     assert blend.attack.policy.describe() == plain.attack.policy.describe() and blend.attack.rate == plain.attack.rate
-    assert model_recipe(blend, "badnets")[1] != model_recipe(plain, "badnets")[1]
-    assert model_recipe(blend, "none")[1] == model_recipe(plain, "none")[1]  # the clean twin is shared
+    assert model_provenance(blend, "badnets")[1] != model_provenance(plain, "badnets")[1]
+    assert model_provenance(blend, "none")[1] == model_provenance(plain, "none")[1]  # the clean twin is shared
     with pytest.raises(ValueError):
         prepare_task(task, data, data_root="", seed=0, device="cpu", trigger="sticker")

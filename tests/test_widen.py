@@ -62,7 +62,7 @@ def test_layouts_that_cannot_be_widened_exactly_are_refused():
 
 
 def test_widened_pruning_aware_model_is_recorded_defended_and_reused(tmp_path, one_thread):
-    from fineprune.experiment import ModelStore, get_model, load_task_data, model_recipe, prepare_task
+    from fineprune.experiment import ModelStore, get_model, load_task_data, model_provenance, prepare_task
     from fineprune.tasks import get_task
 
     task = get_task("mnist")
@@ -74,9 +74,9 @@ def test_widened_pruning_aware_model_is_recorded_defended_and_reused(tmp_path, o
     assert not reused
     channels = find_prune_layer(clean, setup.attacker_val.tensors[0][:2]).channels
     assert info["widen"]["extra"] == 5 and info["widen"]["channels_after"] == channels + 5
-    name, recipe = model_recipe(setup, "pruning-aware", pa_widen=5)
+    name, recipe = model_provenance(setup, "pruning-aware", pa_widen=5)
     assert recipe["pa_widen"] == 5 and name.endswith("widen5")
-    assert recipe != model_recipe(setup, "pruning-aware")[1]  # the unwidened model has its own files
+    assert recipe != model_provenance(setup, "pruning-aware")[1]  # the unwidened model has its own files
     # The decoys are the pruned original channels; the new ones are live.
     assert info["decoys"] and max(info["decoys"]) < channels
 

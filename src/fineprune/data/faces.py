@@ -28,6 +28,9 @@ from fineprune.data.splits import stratified_split
 from fineprune.data.types import TaskData, make_dataset
 from fineprune.errors import BadInputError
 
+# Per-file decoding problems go to the standard logger, not the progress channel: they are detail
+# for whoever runs the loader, often deep inside a DataLoader worker where no channel is set; the
+# count of skipped files reaches the user through the pipeline's record (model.json inputs).
 log = logging.getLogger(__name__)
 
 STEM = "faces_extendedyaleb_cropped"

@@ -31,6 +31,9 @@ from fineprune.data.speech import WavReadError, pack_waves, read_wav_int16
 from fineprune.data.types import make_dataset
 from fineprune.errors import BadInputError
 
+# Per-file decoding problems go to the standard logger, not the progress channel: they are detail
+# for whoever runs the loader, often deep inside a DataLoader worker where no channel is set; the
+# count of skipped files reaches the user through the pipeline's record (model.json inputs).
 log = logging.getLogger(__name__)
 
 #: What torchvision's ImageFolder accepts, so folders prepared for it load the same here.

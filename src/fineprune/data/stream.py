@@ -205,7 +205,10 @@ def key_tensors(data: Inputs, *, inputs_only: bool = False) -> list[torch.Tensor
 
 
 def warn_unkeyed(what: str) -> None:
-    """The warning when a dataset without `fingerprint()` turns resuming or caching off."""
+    """The warning when a dataset without `fingerprint()` turns resuming or caching off. A Python
+    warning, not a progress line (`fineprune.progress`): it is addressed to the programmer whose
+    Dataset class lacks the method, so it must show even where progress is off, once per call
+    site, and be catchable (`warnings.catch_warnings`, pytest.warns)."""
     warnings.warn(f"{what} is off: the dataset has no fingerprint() method, so a checkpoint could not "
                   "tell whether it was written for the same data (reading all data to hash it would "
                   "cost a full pass); give the dataset a fingerprint() returning a string that changes "

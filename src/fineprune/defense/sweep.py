@@ -28,7 +28,6 @@ What is guaranteed (the tests check it; `error_bounds` proves the certified part
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -49,7 +48,6 @@ from .head_plan import HeadPlan, plan_head
 from .layer import channel_dim_of
 from .mask import clear_mask, set_pruned
 
-log = logging.getLogger(__name__)
 
 
 
@@ -494,7 +492,8 @@ def sweep(
         except Exception as exc:  # torch.fx raises many kinds of errors on untraceable code
             if mode == "cached":
                 raise
-            log.warning("cannot cut the model at %s (%s); using full forward passes", layer, exc)
+            as_progress(progress).log(f"note: cannot cut the model at {layer} ({exc}); the sweep runs full "
+                                      "forward passes (the same counts, slower)")
         else:
             return cached_sweep(model, layer, x_clean, y_clean, triggered, batch_size=batch_size,
                                 device=device, budget_mb=budget_mb, max_cache_mb=max_cache_mb,

@@ -3,7 +3,7 @@
 Per task the attacker trains three models (clean, BadNets, pruning-aware; `models.py`) on its part
 of the training split, and the defender runs every defense of `DEFENSES` on each with its clean
 validation data (`measure.py`); the test split only measures. Trained models are kept in
-`OUT/models` by recipe, so a rerun reuses them.
+`OUT/models` by provenance, so a rerun reuses them.
 """
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ class TaskSetup:
     attacker_val: TensorDataset  # held out of the training split (disjoint from attacker_train): choices only
     trig_test: TriggeredSet
     trig_val: TriggeredSet
-    base: dict  # the recipe every model of this setup shares (its fingerprint names the files)
+    base: dict  # the provenance every model of this setup shares (its fingerprint names the files)
     seed: int
     device: torch.device
     progress: bool | Progress = False
@@ -98,7 +98,7 @@ def prepare_task(task: TaskSpec, data: TaskData, *, data_root: str, seed: int, s
     attack: BadNets = task.make_attack(seed=seed, rate=poison_rate, data=data)
     if trigger == "blend":  # the task's policy, rate and mode; the trigger a seeded pattern
         pattern = BlendTrigger.noise(tuple(tensors(data.test)[0].shape[1:]), seed=seed, alpha=BLEND_ALPHA)
-        pattern.name = f"blend(alpha={BLEND_ALPHA},seed={seed})"  # names the model's recipe
+        pattern.name = f"blend(alpha={BLEND_ALPHA},seed={seed})"  # names the model's provenance
         attack = BadNets(pattern, attack.policy, rate=attack.rate, mode=attack.mode, seed=seed)
     elif trigger not in TRIGGERS:
         raise ValueError(f"trigger must be one of {', '.join(TRIGGERS)}, not {trigger!r}")
@@ -120,7 +120,7 @@ def prepare_task(task: TaskSpec, data: TaskData, *, data_root: str, seed: int, s
     base = {"task": task.name, "seed": seed, "subsample": subsample, "train": train_cfg.to_dict(),
             "arch": task.arch, "arch_signature": arch_signature(task.build_model(data.num_classes)),
             "data_root": str(Path(data_root).resolve()) if task.needs_data else None,
-            # The training data is the split minus the attacker's hold-out: part of every recipe,
+            # The training data is the split minus the attacker's hold-out: part of every provenance,
             # so models stored before the hold-out existed (trained on all of it) are not reused.
             "attacker_split": {"val_fraction": attacker_val_fraction, "seed": seed + 1,
                                "train": len(attacker_train), "val": len(attacker_val)}}

@@ -1,7 +1,7 @@
 """The grid driver: schedule model training and cells as Ray tasks, record each result as it comes.
 
 - every distinct model is one Ray task (`work.train_model`), run once; its result is a path in
-  `OUT/models` (the same recipe fingerprints as `fineprune reproduce`, so models on disk are reused);
+  `OUT/models` (the same provenance fingerprints as `fineprune reproduce`, so models on disk are reused);
   a pruning-aware model starts after its clean model;
 - every cell is one Ray task (`work.run_cell`) submitted once its model is ready;
 - tasks request `resources` / `train_resources`; the driver keeps no more in flight than the cluster

@@ -1,7 +1,7 @@
 """What runs inside a Ray worker: train one model, or defend and measure one cell.
 
 Both are plain functions (the runner wraps them with `ray.remote`), importable by every worker
-from the installed `fineprune` package. Models live in `OUT/models` under the same recipe
+from the installed `fineprune` package. Models live in `OUT/models` under the same provenance
 fingerprints as `fineprune reproduce` uses, so a resumed grid (or a reproduce run in the same
 folder) reuses them. Each worker process keeps the last loaded datasets in memory.
 """
@@ -54,7 +54,8 @@ def train_model(spec: dict, clean: dict | None = None) -> dict:
     "device", "plugins"}; `clean` is the clean model's result (pruning-aware only).
     Returns {"key", "path", "info", "reused", "seconds", "node", "pid"}."""
     from ..defense.persist import load_pruned
-    from ..experiment import DEFAULT_THRESHOLD, ModelStore, get_model, model_recipe
+    from ..experiment import DEFAULT_THRESHOLD, ModelStore, get_model, model_provenance
+    from ..experiment.models import PROVENANCE_KEYS
 
     t0 = time.perf_counter()
     load_plugins(spec.get("plugins", []))
@@ -70,9 +71,9 @@ def train_model(spec: dict, clean: dict | None = None) -> dict:
         return load_pruned(setup.fresh(), clean["path"]), clean["info"]
 
     _, info, reused = get_model(setup, attack, store, pa_threshold=pa_threshold, clean=clean_model)
-    name, recipe = model_recipe(setup, attack, pa_threshold)
-    weights, _ = store.files(name, recipe)
-    info = {k: v for k, v in info.items() if k != "recipe"}
+    name, provenance = model_provenance(setup, attack, pa_threshold)
+    weights, _ = store.files(name, provenance)
+    info = {k: v for k, v in info.items() if k not in PROVENANCE_KEYS}
     return {"key": spec["key"], "path": str(weights), "info": info, "reused": reused,
             "seconds": round(time.perf_counter() - t0, 3), **_where()}
 
