@@ -158,7 +158,7 @@ def test_toy_recipe_and_criterion_by_name_from_defend(toys):
                  finetune=TrainConfig(epochs=1, lr=0.01, batch_size=32), lr_factors=(1.0,))
     assert calls and set(calls) == {0.5}
     assert res.methods["recipe"] == {"name": "toy-scaled", "scale": 0.5, "augmentation": False, "flip": False,
-                                     "label_smoothing": 0.0}
+                                     "label_smoothing": 0.0, "distill": 0.0, "temperature": 4.0}
     assert res.methods["criterion"] == {"name": "toy-reversed", "offset": 0}
     means = torch.tensor(res.sweep.channel_means)
     assert res.sweep.order == torch.sort(means, stable=True).indices.tolist()[::-1]

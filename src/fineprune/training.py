@@ -122,7 +122,7 @@ def train_one_epoch(
 
         def closure(xb=xb, yb=yb) -> torch.Tensor:
             with amp.autocast():
-                loss = recipe.loss(model, model(xb), yb)
+                loss = recipe.batch_loss(model, xb, yb)
             amp.backward(loss)
             return loss
 
@@ -153,14 +153,14 @@ def _run_key(model: nn.Module, x: torch.Tensor | Dataset, y: torch.Tensor | None
     settings = {"cfg": cfg.to_dict(), "seed": seed}
     if recipe is not None:
         from .purify.recipes import Plain
-        if recipe.options() != Plain().options():
-            settings["recipe"] = recipe.options()
+        if recipe.key_options() != Plain().key_options():
+            settings["recipe"] = recipe.key_options()
     return run_digest(settings, (*parts, *model.state_dict().values()))
 
 
 def _save_checkpoint(path: Path, key: str, epoch: int, model: nn.Module, opt: torch.optim.Optimizer,
                      sched, gen: torch.Generator, hist: TrainHistory, best_score: float | None,
-                     best_state: dict | None, amp: Precision | None = None) -> None:
+                     best_state: dict | None, amp: Precision | None = None, recipe: Recipe | None = None) -> None:
     records = torch.tensor([[float("nan") if getattr(r, f) is None else float(getattr(r, f))
                              for f in _RECORD_FIELDS] for r in hist.epochs], dtype=torch.float64)
     state = {
@@ -171,14 +171,19 @@ def _save_checkpoint(path: Path, key: str, epoch: int, model: nn.Module, opt: to
     }
     if amp is not None and amp.scaler is not None:  # fp16's loss scale: part of an exact resume
         state["scaler"] = amp.state_dict()
+    if recipe is not None and (learned := recipe.state_dict()):  # e.g. a universal perturbation
+        state["recipe"] = learned
     save_checkpoint(path, key, state)
 
 
 def _load_checkpoint(path: Path, key: str, model: nn.Module, opt: torch.optim.Optimizer, sched,
                      gen: torch.Generator, hist: TrainHistory,
-                     amp: Precision | None = None) -> tuple[int, float | None, dict | None]:
+                     amp: Precision | None = None, recipe: Recipe | None = None
+                     ) -> tuple[int, float | None, dict | None]:
     """Restore everything `_save_checkpoint` wrote (plain data and tensors only: weights_only)."""
     state = load_checkpoint(path, key)
+    if recipe is not None:
+        recipe.load_state_dict(state.get("recipe", {}))
     if amp is not None:
         amp.load_state_dict(state.get("scaler", {}))
     model.load_state_dict(state["model"])
@@ -253,10 +258,10 @@ def train(
         stream.warn_unkeyed("fine-tuning checkpointing and resuming")
         checkpoint_path, key = None, ""
     if recipe is not None:
-        recipe.prepare(model, stream.take(data, 2).to(device), gen)
+        recipe.prepare(model, stream.take(data, 2).to(device), gen, data=data)
     if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
         first, best_score, best_state = _load_checkpoint(Path(checkpoint_path), key, model, opt, sched, gen, hist,
-                                                         amp)
+                                                         amp, recipe)
     amp.set_layout(model)
     # One bar over every sample of every epoch, so it moves (with time left) within an epoch too.
     with as_progress(progress).bar(cfg.epochs * n, desc, unit="sample", initial=(first - 1) * n, unit_scale=True,
@@ -278,7 +283,7 @@ def train(
                 best_state = copy.deepcopy(model.state_dict())
             if checkpoint_path is not None:
                 _save_checkpoint(Path(checkpoint_path), key, epoch, model, opt, sched, gen, hist, best_score,
-                                 best_state, amp)
+                                 best_state, amp, recipe)
             if on_epoch is not None:
                 on_epoch(rec)
             if not math.isfinite(loss):  # diverged: every later epoch would be NaN too

@@ -6,3 +6,4 @@ from . import reproduce  # noqa: F401
 from . import defend  # noqa: F401
 from . import grid  # noqa: F401
 from . import methods  # noqa: F401
+from . import scan  # noqa: F401

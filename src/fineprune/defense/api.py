@@ -102,6 +102,9 @@ class DefenseResult:
     # The methods this defense used, each fully resolved (`Method.options()`: its name and every
     # option): "criterion" and "stop_rule" where it pruned, "recipe" where it fine-tuned.
     methods: dict[str, dict] = field(default_factory=dict)
+    # The fine-tuning settings the runs used (the recipe may replace some with its own; the
+    # learning rate kept is `finetune.lr`); None where nothing was fine-tuned.
+    finetune_config: TrainConfig | None = None
 
     @property
     def pruned_fraction(self) -> float:
@@ -174,7 +177,8 @@ class _Defense:
     def _finetune_config(self) -> TrainConfig:
         """The fine-tuning settings: `finetune` (None: DEFAULT_FINETUNE), `precision` overriding its own."""
         cfg = self.finetune or copy.deepcopy(DEFAULT_FINETUNE)
-        return cfg if getattr(self, "precision", None) is None else replace(cfg, precision=self.precision)
+        cfg = cfg if getattr(self, "precision", None) is None else replace(cfg, precision=self.precision)
+        return self.recipe.config(cfg)  # a method's own optimizer / learning rate (e.g. unlearning's)
 
     def _fit(self, model: nn.Module, train_data: Dataset | None, val: Dataset,
              triggered: TriggeredSet | None, run: RunOptions | None) -> DefenseResult:
@@ -197,6 +201,7 @@ class _Defense:
                        layer_reason=choice.reason or None)
         if self.method != "prune":
             out["finetune"], out["warnings"] = self._finetune(model, train_data, val, triggered, before, run)
+            out["finetune_config"] = self._finetune_config()
             out["timings"]["fine-tune"] = out["finetune"].seconds
         return DefenseResult(method=self.method, model=model, before=before,
                              after=evaluate(model, val, triggered, run.device, run.workers),

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..runtime import atomic_path
-from .compact import anchor_of
+from .layer import anchor_of
 from .mask import clear_mask, keep_mask, masked_layers, module_channel_dim
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)

@@ -32,11 +32,10 @@ from torch import nn
 
 from ..errors import BadInputError
 from ..io.model_files import load_into, load_weights, save_weights
-from .layer import trace_calls
-from .mask import clear_mask, keep_mask, module_channel_dim, pruned_channels
+from .layer import anchor_of
+from .mask import clear_mask, keep_mask, pruned_channels
 
 COMPACT_KEY = "fineprune.compact"
-_ANCHOR_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 
 
 @dataclass
@@ -77,26 +76,6 @@ def _tp():
     except ImportError as exc:  # pragma: no cover - declared dependency
         raise RuntimeError("compact export needs torch-pruning (pip install 'torch-pruning>=1.5')") from exc
     return tp
-
-
-def anchor_of(model: nn.Module, layer: str, example: torch.Tensor, channels: int) -> str:
-    """The last conv/linear/norm module, run at or before `layer` finishes, whose output carries the
-    same channels (dim 1 of size `channels`, or the last dim for a channels-last layer such as a
-    transformer MLP's hidden units, whose anchor is the MLP's first Linear): the module whose output
-    channels the cut starts from (and whose per-channel parameters `bake.bake_masks` zeroes).
-    Raises ValueError if none."""
-    cdim = module_channel_dim(model.get_submodule(layer))
-    calls = trace_calls(model, example)
-    end = next((i for i, c in enumerate(calls) if c.name == layer), None)
-    if end is None:
-        raise ValueError(f"layer {layer!r} did not run on the example input")
-    for c in reversed(calls[: end + 1]):
-        out = c.output
-        if isinstance(c.module, _ANCHOR_TYPES) and isinstance(out, torch.Tensor) \
-                and out.dim() >= 2 and out.shape[cdim] == channels:
-            return c.name
-    raise ValueError(f"no convolution, linear or normalisation layer produces the {channels} channels "
-                     f"of {layer!r}")
 
 
 def _cut(model: nn.Module, anchor: str, removed: list[int], example: torch.Tensor) -> list[str]:

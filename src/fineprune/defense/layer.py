@@ -15,6 +15,9 @@ the paper's last conv channels they are the network's last wide layer of learned
 backdoor that needs dedicated neurons can hide there. Their channels are the LAST dimension of the
 (batch, tokens, hidden) output; `LayerChoice.channel_dim` says so and the module is annotated
 (`channel_dim_of`), so masks, statistics, the cached sweep and the exports all use that dimension.
+
+Which modules produce a layer's channels is answered here once, by `producer_calls` on the traced
+calls: layer choice, CLP (`purify.criteria`), the exports (`anchor_of`) and the attacks use it.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import LayerNotFoundError
-from .mask import CHANNEL_DIM_ATTR
+from .mask import CHANNEL_DIM_ATTR, module_channel_dim
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Modules that keep the channel layout of their input (so the channels stay "the conv's channels").
@@ -42,6 +45,17 @@ _MLP_INNER_TYPES = (
     nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish, nn.Dropout, nn.Dropout1d, nn.Identity,
 )
 _PASS_THROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
+# Pooling keeps channels apart, so CLP and the exports look through it (layer choice does not).
+POOL_TYPES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+)
+# By channel dimension: (producer types, types allowed between producer and layer). Channels last
+# are a Linear's units: a norm or pooling there would act on the tokens, so only element-wise ones.
+PRODUCER_LINKS = {1: (CONV_TYPES, CHANNELWISE_TYPES + POOL_TYPES), -1: ((nn.Linear,), _MLP_INNER_TYPES)}
+# Modules with per-channel parameters: where the exports cut (compact) or zero (bake) a channel.
+ANCHOR_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 # Why the module was chosen: a plain attribute (not in the state_dict, kept by deepcopy), so the
 # report can say it; the channel dimension is annotated likewise (`mask.CHANNEL_DIM_ATTR`).
 REASON_ATTR = "fineprune_layer_reason"
@@ -97,6 +111,7 @@ class _Call:
     module: nn.Module
     inputs: tuple
     output: object
+    leaf: bool  # no child modules: its output is made by its own code
 
 
 def trace_calls(model: nn.Module, example: torch.Tensor) -> list[_Call]:
@@ -106,9 +121,10 @@ def trace_calls(model: nn.Module, example: torch.Tensor) -> list[_Call]:
     for name, module in model.named_modules():
         if name == "":
             continue
+        leaf = not list(module.children())
         handles.append(
             module.register_forward_hook(
-                lambda m, i, o, name=name: calls.append(_Call(name, m, i, o))
+                lambda m, i, o, name=name, leaf=leaf: calls.append(_Call(name, m, i, o, leaf))
             )
         )
     was_training = model.training
@@ -225,29 +241,20 @@ def _is_attention(module: nn.Module) -> bool:
     return isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower()
 
 
-def _mlp_hidden(calls: list[_Call], j: int, leaves: set[str]) -> int | None:
+def _mlp_hidden(calls: list[_Call], j: int) -> _Call | None:
     """If call j is the second Linear of an MLP on a token tensor (>= 3-D, features last) --
-    Linear -> activation (-> dropout / identity) -> Linear -- the index of the call whose output
-    is the hidden units: the last activation module on that path."""
+    Linear -> activation (-> dropout / identity) -> Linear -- the call whose output is the hidden
+    units: the last activation module on that path."""
     fc2 = calls[j]
     x = fc2.inputs[0] if fc2.inputs else None
     if not isinstance(x, torch.Tensor) or x.dim() < 3:
         return None
-    act = None
-    i = j
-    while True:
-        prev = max((p for p in range(i) if calls[p].name in leaves and calls[p].output is x), default=None)
-        if prev is None:
-            return None
-        c = calls[prev]
-        if isinstance(c.module, nn.Linear):
-            ok = act is not None and c.output.shape[-1] == fc2.module.in_features
-            return act if ok else None
-        if not isinstance(c.module, _MLP_INNER_TYPES) or not c.inputs:
-            return None
-        if act is None and not isinstance(c.module, _PASS_THROUGH):
-            act = prev
-        x, i = c.inputs[0], prev
+    chain = producer_calls(calls, x, *PRODUCER_LINKS[-1], end=j)
+    if not chain or not isinstance(chain[0].module, nn.Linear) \
+            or chain[0].output.shape[-1] != fc2.module.in_features:
+        return None
+    acts = [c for c in chain[1:] if not isinstance(c.module, _PASS_THROUGH)]
+    return acts[-1] if acts else None
 
 
 def _transformer_mlp(calls: list[_Call], start: int, counts: dict[str, int]) -> LayerChoice | None:
@@ -256,15 +263,13 @@ def _transformer_mlp(calls: list[_Call], start: int, counts: dict[str, int]) -> 
     MLP-Mixer's token and channel MLPs). A CNN's classifier MLP runs on (B, C) vectors, and a
     ConvNeXt block's MLP comes after a conv inside the same block with no attention, so neither
     counts. None when the model is not such a transformer."""
-    leaves = {c.name for c in calls if not list(c.module.children())}
     after = range(start + 1, len(calls))
     attention = any(_is_attention(calls[j].module) for j in after)
-    mlps = [(j, h) for j in after if isinstance(calls[j].module, nn.Linear) and calls[j].name in leaves
-            and (h := _mlp_hidden(calls, j, leaves)) is not None]
+    mlps = [(j, c) for j in after if isinstance(calls[j].module, nn.Linear) and calls[j].leaf
+            and (c := _mlp_hidden(calls, j)) is not None]
     if not mlps or (not attention and len(mlps) < 2):
         return None
-    for j, h in reversed(mlps):
-        c = calls[h]
+    for j, c in reversed(mlps):
         if counts[c.name] != 1:
             continue
         fc2 = calls[j].name
@@ -286,18 +291,32 @@ def _layout(calls: list[_Call], call: _Call) -> int:
         return 1
     if isinstance(call.module, nn.Linear):
         return -1
-    leaves = {c.name for c in calls if not list(c.module.children())}
-    x, i = out, len(calls)
+    chain = producer_calls(calls, out, *PRODUCER_LINKS[-1])
+    return -1 if chain and isinstance(chain[0].module, nn.Linear) else 1
+
+
+def producer_calls(calls: list[_Call], tensor: object, producers: tuple[type, ...],
+                   through: tuple[type, ...], end: int | None = None) -> list[_Call]:
+    """The leaf calls that made `tensor`, in forward order, found by tensor identity in `calls`
+    (`trace_calls`): from the last leaf call before index `end` that returned it, back to the call
+    that returned its first input, while the module is of a `through` type. The walk stops at a
+    `producers` module, at a module of neither kind (either one is kept, first in the list) or at
+    an input no leaf module returned (a functional op, a residual sum, the model input): callers
+    check `chain[0]`. Empty when no leaf module returned `tensor`. An in-place module after it
+    (ReLU(inplace=True)) returns the same tensor, so it is part of the chain."""
+    stop = len(calls) if end is None else end
+    chain: list[_Call] = []
     while True:
-        prev = max((p for p in range(i) if calls[p].name in leaves and calls[p].output is x), default=None)
-        if prev is None:
-            return 1
-        c = calls[prev]
-        if isinstance(c.module, nn.Linear):
-            return -1
-        if not isinstance(c.module, _MLP_INNER_TYPES) or not c.inputs:
-            return 1
-        x, i = c.inputs[0], prev
+        idx = max((i for i in range(stop) if calls[i].leaf and calls[i].output is tensor), default=None)
+        if idx is None:
+            break
+        call = calls[idx]
+        chain.append(call)
+        if isinstance(call.module, producers) or not isinstance(call.module, through) or not call.inputs:
+            break
+        tensor, stop = call.inputs[0], idx
+    chain.reverse()
+    return chain
 
 
 def producer_chain(model: nn.Module, example: torch.Tensor, layer: str) -> list[tuple[str, nn.Module]]:
@@ -310,18 +329,37 @@ def producer_chain(model: nn.Module, example: torch.Tensor, layer: str) -> list[
     mine = [c for c in calls if c.name == layer]
     if len(mine) != 1:
         raise LayerNotFoundError(f"module {layer!r} must run exactly once per forward")
-    target = mine[0].output
-    leaves = {n for n, m in model.named_modules() if not list(m.children())}
-    # The last leaf call that returned the layer's output tensor.
-    idx = max((i for i, c in enumerate(calls) if c.name in leaves and c.output is target), default=None)
-    if idx is None:
-        return []
-    chain = [calls[idx]]
-    while not isinstance(chain[-1].module, CONV_TYPES) and isinstance(chain[-1].module, CHANNELWISE_TYPES):
-        src = chain[-1].inputs[0] if chain[-1].inputs else None
-        prev = max((i for i, c in enumerate(calls[:idx]) if c.name in leaves and c.output is src), default=None)
-        if prev is None:
-            break
-        idx = prev
-        chain.append(calls[idx])
-    return [(c.name, c.module) for c in reversed(chain)]
+    chain = producer_calls(calls, mine[0].output, CONV_TYPES, CHANNELWISE_TYPES)
+    return [(c.name, c.module) for c in chain]
+
+
+def anchor_of(model: nn.Module, layer: str, example: torch.Tensor, channels: int) -> str:
+    """The module whose output channels are `layer`'s (dim 1 of size `channels`, or the last dim
+    for a channels-last layer such as a transformer MLP's hidden units, whose anchor is the MLP's
+    first Linear): where the compact export's cut starts and whose per-channel parameters
+    `bake.bake_masks` zeroes. It is the last conv/linear/norm on the `producer_calls` chain; where
+    that chain does not reach a conv or Linear (a functional op in between), the last such module
+    run at or before `layer` with that many channels. Both exports check the result numerically.
+    Raises ValueError if none."""
+    cdim = module_channel_dim(model.get_submodule(layer))
+    calls = trace_calls(model, example)
+    end = next((i for i, c in enumerate(calls) if c.name == layer), None)
+    if end is None:
+        raise ValueError(f"layer {layer!r} did not run on the example input")
+
+    def fits(c: _Call) -> bool:
+        out = c.output
+        return isinstance(c.module, ANCHOR_TYPES) and isinstance(out, torch.Tensor) \
+            and out.dim() >= 2 and out.shape[cdim] == channels
+
+    links = PRODUCER_LINKS.get(cdim)
+    chain = producer_calls(calls, calls[end].output, *links, end=end + 1) if links else []
+    if chain and isinstance(chain[0].module, links[0]):
+        found = [c for c in chain if fits(c)]
+        if found:
+            return found[-1].name
+    for c in reversed(calls[: end + 1]):
+        if fits(c):
+            return c.name
+    raise ValueError(f"no convolution, linear or normalisation layer produces the {channels} channels "
+                     f"of {layer!r}")

@@ -136,7 +136,7 @@ def model_json(run: RunRecord) -> dict:
             # the full resolved specs (name and every option) the defense used
             "criterion": r.methods.get("criterion"), "stop_rule": r.methods.get("stop_rule")},
         "finetune": None if hist is None else {
-            "config": job.finetune_config().to_dict(),
+            "config": r.finetune_config.to_dict(),  # as run: a recipe may set its own optimizer and lr
             "recipe": r.methods.get("recipe"),
             "precision": job.precision,  # the sweep and all evaluation run in fp32 regardless
             "best_epoch": hist.best_epoch,

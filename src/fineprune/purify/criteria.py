@@ -23,18 +23,11 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from ..data import stream
-from ..defense.layer import _MLP_INNER_TYPES, CHANNELWISE_TYPES, CONV_TYPES, _layout, channel_dim_of, trace_calls
+from ..defense.layer import PRODUCER_LINKS, _layout, channel_dim_of, producer_calls, trace_calls
 from ..defense.mask import CHANNEL_DIM_ATTR, keep_shape
 from .registry import Method, resolve
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-# Channel-wise modules that change the values but not a channel's Lipschitz bound up to a
-# constant common to all channels: activations (1-Lipschitz or a fixed slope), dropout, pooling.
-_POOL_TYPES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-)
 # Normalisations whose scale comes from the data of each input: no per-channel weight to fold.
 _UNFOLDABLE = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm)
 
@@ -74,24 +67,17 @@ def _producer(model: nn.Module, layer: str, example: torch.Tensor) -> tuple[str,
         raise ValueError(f"CLP: {layer!r} does not output a (batch, channels, positions...) tensor")
     annotated = getattr(mine[0].module, CHANNEL_DIM_ATTR, None)
     last = (int(annotated) if annotated is not None else _layout(calls, mine[0])) == -1
-    producers, between, what = ((nn.Linear,), _MLP_INNER_TYPES, "Linear") if last else (
-        CONV_TYPES, CHANNELWISE_TYPES + _POOL_TYPES, "conv")
-    leaves = {n for n, m in model.named_modules() if not list(m.children())}
-    idx = max((i for i, c in enumerate(calls) if c.name in leaves and c.output is target), default=None)
-    chain = []
-    while idx is not None:
-        call = calls[idx]
-        chain.append(call)
-        if isinstance(call.module, producers):
-            break
-        if not isinstance(call.module, between):
-            raise ValueError(  # noqa: TRY004
-                f"CLP: cannot find the {what} producing {layer!r}'s channels: {call.name} "
-                f"({type(call.module).__name__}) is neither a {what} nor "
-                f"{'element-wise' if last else 'channel-wise'}")
-        src = call.inputs[0] if call.inputs else None
-        idx = max((i for i, c in enumerate(calls[:idx]) if c.name in leaves and c.output is src), default=None)
-    if not chain or not isinstance(chain[-1].module, producers):
+    # Activations (1-Lipschitz or a fixed slope), dropout and pooling change a channel's bound only
+    # by a constant common to all channels, so they may lie between the producer and the layer.
+    producers, between = PRODUCER_LINKS[-1 if last else 1]
+    what = "Linear" if last else "conv"
+    chain = producer_calls(calls, target, producers, between)
+    if chain and not isinstance(chain[0].module, producers + between):
+        raise ValueError(
+            f"CLP: cannot find the {what} producing {layer!r}'s channels: {chain[0].name} "
+            f"({type(chain[0].module).__name__}) is neither a {what} nor "
+            f"{'element-wise' if last else 'channel-wise'}")
+    if not chain or not isinstance(chain[0].module, producers):
         if last:
             raise ValueError(
                 f"CLP: cannot find the Linear producing {layer!r}'s hidden units (its output is not a "
@@ -101,7 +87,6 @@ def _producer(model: nn.Module, layer: str, example: torch.Tensor) -> tuple[str,
             f"CLP: cannot find the conv producing {layer!r}'s channels (its output is not a conv's "
             "followed only by channel-wise modules, e.g. a residual sum or a functional op); "
             "choose a layer right after a conv (or conv + BatchNorm)")
-    chain.reverse()
     for c in chain:
         if counts[c.name] != 1:
             raise ValueError(f"CLP: {c.name} runs {counts[c.name]} times per forward pass; cannot tell its channels")

@@ -35,7 +35,7 @@ _BASES: dict[str, type[Method]] = {}
 # The modules that define each family's built-in methods, imported on first use (so that
 # importing the registry stays cheap and free of cycles).
 _BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
-    "recipe": ("fineprune.purify.recipes",),
+    "recipe": ("fineprune.purify.recipes", "fineprune.purify.unlearning"),
     "criterion": ("fineprune.purify.criteria",),
     "stop_rule": ("fineprune.purify.stop_rules",),
     "scan": ("fineprune.purify.scan",),
@@ -92,6 +92,10 @@ def _options(cls: type) -> list[dataclasses.Field]:
 
 
 def _register(cls: type[Method]) -> None:
+    for option in cls.__dict__.get("__annotations__", {}):
+        if any(callable(base.__dict__.get(option)) for base in cls.__mro__[1:]):
+            raise TypeError(f"{cls.__qualname__}: option {option!r} would hide the method {option}() of its "
+                            "family's base; name the option otherwise")
     if not cls.family:
         raise TypeError(f"{cls.__qualname__} names a method ({cls.name!r}) but belongs to no family")
     known = _REGISTRY[cls.family]
