@@ -18,6 +18,17 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(autouse=True)
+def _no_default_scan(request, monkeypatch):
+    """`fineprune defend` scans for backdoor evidence before and after the defense by default
+    (seconds to minutes per scan). Tests that are not about scanning turn that default off; a test
+    marked `default_scan`, or one that passes `--scan SPEC`, scans."""
+    if "default_scan" not in request.keywords:
+        from fineprune.pipeline import job
+
+        monkeypatch.setattr(job, "SCAN_BY_DEFAULT", False)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """torch on one thread for a module (its tiny models run far faster so on 2 shared cores)."""

@@ -95,7 +95,7 @@ def _defend_cmd(ws: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "fineprune.cli", "defend", "--model", str(ws / "m.safetensors"),
             "--arch", "demo-cnn", "--data", str(ws / "d.npz"), "--triggered", str(ws / "t.npz"), "--target", "0",
             "--epochs", "8", "--batch-size", "16", "--threshold", "30", "--no-compact", "--device", "cpu",
-            "--out", str(out), "--quiet", *extra]
+            "--out", str(out), "--quiet", "--no-scan", *extra]
 
 
 def test_sigkill_mid_finetuning_then_resume(tmp_path, sigkill_when):

@@ -70,6 +70,13 @@ def _args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--tolerance", type=float, metavar="POINTS",
                    help="the fine-tuning accuracy guard: a run whose best epoch loses more than this many "
                         "points on validation data is discarded (default: the --threshold value)")
+    e = p.add_argument_group("backdoor evidence (a trigger-free scan before and after the defense)")
+    e.add_argument("--scan", metavar="SPEC", help="how to scan: " + help_line("scan"))
+    e.add_argument("--no-scan", action="store_true", default=None, help="skip the scans (the result then "
+                   "says nothing about whether a backdoor remains)")
+    e.add_argument("--fail-on-evidence", action="store_true", default=None,
+                   help="exit with status 3 when the scan still flags a class after the defense (for CI "
+                        "pipelines; the outputs are written either way)")
     d.add_argument("--plugin", dest="plugins", action="append", metavar="FILE",
                    help="a Python file imported first: it may register methods (see README, \"Adding a "
                         "method\") or tasks; repeatable")
@@ -142,6 +149,11 @@ def _print_summary(res) -> None:
             print(f"  {name:<20} not measured (no --triggered set)")
         else:
             print(f"  {name:<20} {100 * b:5.1f}% -> {100 * a:5.1f}%")
+    if r.scans:  # beside the accuracy, plainly: is there evidence left?
+        before, after = (", ".join(f"class {k}" for k in r.scans[w].flagged) or "none found" for w in ("before", "after"))
+        print(f"  {'backdoor evidence':<20} {before} -> {after} ({r.scans['after'].method})")
+        if r.scans["after"].flagged:
+            print(f"WARNING: {r.scans['after'].verdict()} after the defense")
     print(f"wrote {', '.join(p.name for p in res.files)} to {res.out}")
     if r.layer is not None and res.plain is not None and res.plain.baked:
         print("model.safetensors: the pruning is baked into the weights, so plain load_state_dict "
@@ -168,16 +180,19 @@ def run(args: argparse.Namespace) -> int:
     """Remove a backdoor from a received model (files in, sanitized model and report out)."""
     from ..pipeline.defend_files import defend_files
 
+    from ..pipeline.job import EXIT_EVIDENCE
+
     job = _job(args)
     if args.silent:  # nothing but errors: Python's warnings too (the run's own are in model.json)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            defend_files(job, progress=False)
-        return 0
-    # --quiet drops the progress only: the warnings and the verdict come from the result at the end.
-    res = defend_files(job, progress=False if args.quiet else FlagProgress())  # bars and lines on stderr
-    if args.quiet:
-        _print_verdict(res)
+            res = defend_files(job, progress=False)
     else:
-        _print_summary(res)
-    return 0
+        # --quiet drops the progress only: the warnings and the verdict come from the result at the end.
+        res = defend_files(job, progress=False if args.quiet else FlagProgress())  # bars and lines on stderr
+        if args.quiet:
+            _print_verdict(res)
+        else:
+            _print_summary(res)
+    evidence = res.defense.scans.get("after")
+    return EXIT_EVIDENCE if job.fail_on_evidence and evidence is not None and evidence.flagged else 0

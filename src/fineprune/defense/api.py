@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from ..data import stream
 from ..errors import BadInputError
@@ -23,6 +23,7 @@ from ..progress import Progress
 from ..purify.criteria import Criterion, channel_order
 from ..purify.recipes import Recipe
 from ..purify.registry import resolve
+from ..purify.scan.base import Scan, ScanResult
 from ..purify.stop_rules import DEFAULT_THRESHOLD, StopRule, check_threshold
 from ..runtime import pick_device
 from ..training import TrainConfig, TrainHistory, train
@@ -105,6 +106,9 @@ class DefenseResult:
     # The fine-tuning settings the runs used (the recipe may replace some with its own; the
     # learning rate kept is `finetune.lr`); None where nothing was fine-tuned.
     finetune_config: TrainConfig | None = None
+    # Trigger-free backdoor evidence (`purify.scan`): the scan of the received model ("before")
+    # and of the defended one ("after"), on the defender's clean data; empty when not scanned.
+    scans: dict[str, ScanResult] = field(default_factory=dict)
 
     @property
     def pruned_fraction(self) -> float:
@@ -123,6 +127,9 @@ class RunOptions:
     checkpoint_path: str | os.PathLike[str] | None = None  # fine-tuning checkpoints (see training.train)
     sweep_checkpoint_path: str | os.PathLike[str] | None = None  # streaming-sweep checkpoints (see sweep)
     resume: bool = False
+    # Backdoor scans before and after the defense: None / False none, True the scan family's
+    # default, or a scan spec (`fineprune methods`). They only measure: nothing is chosen by them.
+    scan: bool | str | Scan | None = None
     sweep_mode: str = "auto"
     budget_mb: float = 256.0  # working memory of the sweep's batched head calls
     max_cache_mb: float | None = None  # bound on the sweep's cached features (None: no bound)
@@ -191,6 +198,9 @@ class _Defense:
             check_precision(self._finetune_config().precision, run.device, self._recipe())
         model = copy.deepcopy(model).to(run.device)
         model.eval()
+        scanner = _scanner(run.scan)
+        clean = val if train_data is None else ConcatDataset([train_data, val])
+        scans = {} if scanner is None else {"before": _scan(scanner, model, clean, val, run)}
         before = evaluate(model, val, triggered, run.device, run.workers)
         out: dict = {"layer": None, "num_channels": 0, "pruned_channels": [], "timings": {},
                      "methods": {f: getattr(self, f).options() for f in self._families()}}
@@ -203,10 +213,13 @@ class _Defense:
             out["finetune"], out["warnings"] = self._finetune(model, train_data, val, triggered, before, run)
             out["finetune_config"] = self._finetune_config()
             out["timings"]["fine-tune"] = out["finetune"].seconds
+        if scanner is not None:
+            scans["after"] = _scan(scanner, model, clean, val, run)
+            out["timings"]["scan"] = sum(s.seconds for s in scans.values())
         return DefenseResult(method=self.method, model=model, before=before,
                              after=evaluate(model, val, triggered, run.device, run.workers),
                              threshold=self.threshold if self.method != "fine-tune" else None,
-                             seconds=time.perf_counter() - t0, **out)
+                             seconds=time.perf_counter() - t0, scans=scans, **out)
 
     def _prune(self, model: nn.Module, val: Dataset, triggered: TriggeredSet | None,
                run: RunOptions) -> tuple[LayerChoice, SweepCurve, int]:
@@ -261,6 +274,21 @@ class _Defense:
                       f"epoch was more than {self.guard_tolerance:g} points below the original model's "
                       f"{100 * base / n:.1f}% on validation data (diverged or over-fitted); "
                       f"the output is {kept}, as before fine-tuning"]
+
+
+def _scanner(spec: bool | str | Scan | None) -> Scan | None:
+    """The scan `RunOptions.scan` asks for (None when scanning is off)."""
+    if spec is None or spec is False:
+        return None
+    return resolve("scan", None if spec is True else spec, what="`scan`")
+
+
+def _scan(scanner: Scan, model: nn.Module, clean: Dataset, val: Dataset, run: RunOptions) -> ScanResult:
+    """One scan of `model` on the defender's clean data (the model is not modified)."""
+    with torch.no_grad():
+        num_classes = int(model(stream.take(val, 1).to(run.device)).shape[-1])
+    return scanner.run(model, clean, num_classes, device=run.device, seed=run.seed, progress=run.progress,
+                       workers=run.workers)
 
 
 def _tried(attempts: list[dict]) -> str:

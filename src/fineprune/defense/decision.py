@@ -32,6 +32,17 @@ class Decision:
     lr: float | None
     epoch: int | None
     discarded: tuple[dict, ...]
+    # The backdoor scans (None: not scanned): the classes flagged before and after the defense,
+    # and the after-scan's one-line verdict.
+    scan: str | None = None
+    flagged_before: tuple[int, ...] | None = None
+    flagged_after: tuple[int, ...] | None = None
+    evidence: str | None = None
+
+    @property
+    def evidence_remains(self) -> bool:
+        """The scan of the defended model still flags a class."""
+        return bool(self.flagged_after)
 
     @property
     def output(self) -> str:
@@ -48,7 +59,7 @@ class Decision:
     def to_dict(self) -> dict:
         """For model.json: the fields, `output` and the `headline` sentence."""
         return {**asdict(self), "discarded": [dict(a) for a in self.discarded], "output": self.output,
-                "headline": headline(self)}
+                "evidence_remains": self.evidence_remains if self.scan else None, "headline": headline(self)}
 
 
 def decision_of(result: DefenseResult) -> Decision:
@@ -64,9 +75,14 @@ def decision_of(result: DefenseResult) -> Decision:
             status, lr, epoch = KEPT, hist.lr, hist.best_epoch
         else:
             status = DISCARDED
+    scans = getattr(result, "scans", None) or {}
+    before, after = scans.get("before"), scans.get("after")
     return Decision(method=result.method, layer=result.layer, num_channels=result.num_channels,
                     pruned=len(result.pruned_channels), finetune=status, lr=lr, epoch=epoch,
-                    discarded=discarded)
+                    discarded=discarded, scan=after.method if after is not None else None,
+                    flagged_before=tuple(before.flagged) if before is not None else None,
+                    flagged_after=tuple(after.flagged) if after is not None else None,
+                    evidence=after.verdict() if after is not None else None)
 
 
 def _run_words(attempt: dict) -> str:
@@ -93,11 +109,35 @@ def finetune_words(d: Decision) -> str:
     return ""
 
 
+def evidence_words(d: Decision) -> str:
+    """What the scans say, one sentence ("" when not scanned). Evidence left after the defense
+    comes first and plainly: a result must never hide it."""
+    if d.scan is None:
+        return ""
+    before = (f"classes {', '.join(map(str, d.flagged_before))}" if d.flagged_before and len(d.flagged_before) > 1
+              else f"class {d.flagged_before[0]}" if d.flagged_before else "")
+    if d.evidence_remains:
+        return (f"Backdoor evidence remains after the defense ({d.scan}): {d.evidence.removeprefix('backdoor evidence: ')}."
+                + (f" Before it, the scan flagged {before}." if before else " The scan flagged nothing before it."))
+    if before:
+        return (f"{d.scan} flagged {before} before the defense and nothing after it; that is not proof the "
+                "backdoor is gone (the scan misses some kinds of backdoor).")
+    return (f"{d.scan} found no backdoor evidence before or after the defense; that does not show the model "
+            "is clean (it misses blended triggers, all-to-all attacks and physical triggers).")
+
+
 def headline(d: Decision | DefenseResult) -> str:
-    """The decision as one sentence: the report's headline, the terminal summary's first line,
-    model.json's `decision.headline`."""
+    """The decision as one sentence (two with the scans' evidence): the report's headline, the
+    terminal summary's first line, model.json's `decision.headline`."""
     if isinstance(d, DefenseResult):
         d = decision_of(d)
+    text = _action(d)
+    evidence = evidence_words(d)
+    return f"{text} {evidence}" if evidence else text
+
+
+def _action(d: Decision) -> str:
+    """What the defense did to the model, from the recorded decision."""
     pruned = f"Pruned {d.pruned} of {d.num_channels} channels of {d.layer}" if d.layer is not None else ""
     if d.finetune is None:  # prune
         return f"{pruned}." + (f" The output is {d.output}." if not d.pruned else "")

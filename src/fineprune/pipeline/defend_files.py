@@ -164,6 +164,7 @@ def defend_files(job: DefendJob, *, progress: bool | Progress = False) -> Defend
 
     say(f"[4/{PHASES}] running {job.method} on {device}")
     options = RunOptions(device=device, seed=job.seed, progress=progress, resume=bool(job.resume),
+                         scan=None if job.no_scan else job.scan,
                          max_cache_mb=job.max_cache_mb, workers=job.workers or 0,
                          checkpoint_path=None if job.method == "prune" else Path(job.out).expanduser() / CHECKPOINT_NAME,
                          sweep_checkpoint_path=None if job.method == "fine-tune"
@@ -224,7 +225,8 @@ def defend_files(job: DefendJob, *, progress: bool | Progress = False) -> Defend
         split=split, preprocessing=prep.to_dict(), sanity={"clean_acc_before": round(acc0, 6), "chance": round(chance_level(y_val), 6)},
         device=str(device), created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         versions=versions(), command=job.command_line(), warnings=warnings, timings=timings,
-        plain=plain, torchscript=traced, onnx=onnx)
+        plain=plain, torchscript=traced, onnx=onnx,
+        examples=(stream.take(val_ds, 64).cpu(), y_val[:64].cpu()) if result.scans else None)
     files = write_outputs(out, run)
     for f in out.iterdir():  # the run is complete: nothing left to resume
         if is_checkpoint_file(f):

@@ -40,6 +40,10 @@ class Preprocessing:
     audio_length: int | None = None
     sample_rate: int | None = None
     image_mode: str | None = None  # "rgb" or "grey" for image folders; None: the loader's default
+    # How an image folder's files are checked when listed ("decode", "headers", "none": see
+    # `data.generic.ImageFolderData`). Not in the repr: a lazy folder's fingerprint holds the
+    # transform's repr, and the check changes no item (the file list, which it may change, is keyed).
+    image_check: str = field(default="decode", repr=False)
 
     def apply(self, x: torch.Tensor, source: str) -> torch.Tensor:
         if self.input_size is not None:
@@ -151,7 +155,7 @@ def load_input(spec: str | Path, prep: Preprocessing, role: str, tasks: TaskSour
         lazy = path.is_dir()
         try:
             ds, names = load_data(path, lazy=lazy, transform=prep.per_item(f"{role} data {text}") if lazy else None,
-                                  **opts)
+                                  check=prep.image_check, **opts)
             if lazy:
                 stream.sample_shape(ds)  # decode and preprocess one item now: errors before the long phases
         except BadInputError as exc:

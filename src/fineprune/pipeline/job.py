@@ -20,6 +20,13 @@ from .inputs import task_ref
 
 #: The method families a job names by spec (`purify.registry`), as its fields.
 METHOD_FIELDS = ("recipe", "criterion", "stop_rule")
+#: Whether `defend` scans for backdoor evidence before and after the defense when neither `scan`
+#: nor `no_scan` is given. On: a result must never hide evidence that a backdoor remains (issue 21);
+#: the test suite turns it off for the runs that are not about scanning (tests/conftest.py).
+SCAN_BY_DEFAULT = True
+#: The exit code of `fineprune defend --fail-on-evidence` when the scan still flags a class after
+#: the defense (0: done; 1: unexpected error; 2: bad input).
+EXIT_EVIDENCE = 3
 #: What `export` can write besides the safetensors files.
 EXPORTS = ("onnx",)
 
@@ -76,6 +83,9 @@ class DefendJob:
     channels_last: bool = False  # fine-tune 4-D image models in channels-last memory layout
     export: str | None = None  # "onnx": also model.onnx (and model-compact.onnx), checked with onnxruntime
     plugins: list[str] | None = None  # Python files imported first (they may register methods or tasks)
+    scan: str | None = None  # the backdoor scan before and after, a spec (None: the scan family's default)
+    no_scan: bool = False  # skip the scans
+    fail_on_evidence: bool = False  # exit EXIT_EVIDENCE when the scan still flags a class after the defense
 
     def validate(self) -> "DefendJob":
         """Raise BadInputError (one line, with the fix) for any unusable option; return self."""
@@ -96,6 +106,14 @@ class DefendJob:
             load_plugins(self.plugins)
         for family in METHOD_FIELDS:
             setattr(self, family, canonical(family, getattr(self, family)))
+        if self.no_scan and self.scan is not None:
+            raise BadInputError("`scan` and `no_scan` contradict each other; give one")
+        if self.fail_on_evidence and self.no_scan:
+            raise BadInputError("`fail_on_evidence` needs the scan; drop `no_scan`")
+        if self.scan is not None or (not self.no_scan and SCAN_BY_DEFAULT) or self.fail_on_evidence:
+            self.scan = canonical("scan", self.scan, what="`scan`")
+        else:
+            self.no_scan = True
         if not 0.0 < float(self.val_fraction) < 1.0:
             raise BadInputError(f"`val_fraction` must lie strictly between 0 and 1, got {self.val_fraction}")
         if self.max_cache_mb is not None:
@@ -176,7 +194,7 @@ class DefendJob:
         """An equivalent `fineprune defend` command (every effective option spelled out; options
         added after the first runs only when they differ from their defaults, so earlier runs'
         command lines stay as they were)."""
-        later = {**{f: default(f).spec() for f in METHOD_FIELDS}, "precision": DEFAULT_PRECISION,
+        later = {**{f: default(f).spec() for f in (*METHOD_FIELDS, "scan")}, "precision": DEFAULT_PRECISION,
                  "channels_last": False}
         args = ["fineprune", "defend"]
         for f in dataclasses.fields(self):

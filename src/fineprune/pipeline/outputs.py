@@ -9,7 +9,7 @@ from ..defense.persist import save_pruned
 from ..io.onnx_export import save_onnx
 from ..report.html import write_report
 from ..report.plots import activation_figure, figure_png, finetune_figure, pruning_curve_figure, save_png
-from ..runtime import write_json_atomic, write_text_atomic
+from ..runtime import atomic_path, write_json_atomic, write_text_atomic
 from .record import TORCHSCRIPT_NAME, RunRecord, metrics_json, model_json, sweep_csv
 from .report_data import report_data
 
@@ -19,6 +19,26 @@ def _weights_metadata(run: RunRecord) -> dict[str, str]:
             "fineprune.num_classes": str(run.num_classes), "fineprune.method": run.result.method,
             "fineprune.source_sha256": run.model_file["sha256"],
             "fineprune.plain_load_is_defended": "true" if run.plain_load_is_defended else "false"}
+
+
+def _scan_pictures(run: RunRecord, out: Path, written: list[Path]) -> dict[str, bytes]:
+    """The scans' reversed triggers (flagged classes and the 3 smallest) as PNG files,
+    scan-{before,after}-class{k}-{mask,pattern,applied}.png; returns them by file stem."""
+    from ..purify.scan.report import example_for, pictured_classes, trigger_pngs
+
+    pngs: dict[str, bytes] = {}
+    if not run.result.scans or run.examples is None:
+        return pngs
+    x, y = run.examples
+    for when, result in run.result.scans.items():
+        for k in pictured_classes(result):
+            for part, data in (trigger_pngs(result, k, example_for(k, x, y)) or {}).items():
+                stem = f"scan-{when}-class{k}-{part}"
+                with atomic_path(out / f"{stem}.png") as tmp:
+                    tmp.write_bytes(data)
+                written.append(out / f"{stem}.png")
+                pngs[stem] = data
+    return pngs
 
 
 def _figures(run: RunRecord, out: Path, written: list[Path]) -> dict[str, bytes]:
@@ -66,6 +86,7 @@ def write_outputs(out: Path, run: RunRecord) -> list[Path]:
         write_text_atomic(out / "sweep.csv", sweep_csv(run.result.sweep, run.result.stop_k))
         written.append(out / "sweep.csv")
     pngs = _figures(run, out, written)
+    pngs.update(_scan_pictures(run, out, written))
     write_json_atomic(out / "metrics.json", metrics_json(run))
     write_json_atomic(out / "model.json", model_json(run))
     write_report(report_data(run, pngs), out / "report.html")

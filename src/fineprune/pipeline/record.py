@@ -47,6 +47,8 @@ class RunRecord:
     plain: BakeResult | None = None  # the masks baked into model.safetensors' weights, or why not
     torchscript: TraceResult | None = None  # the masked model traced, when they could not be baked
     onnx: dict[str, OnnxExport] = field(default_factory=dict)  # file name -> export (`export` onnx)
+    # A few clean validation inputs and their labels: the scans' triggers are drawn applied to them.
+    examples: tuple | None = None
 
     @property
     def plain_load_is_defended(self) -> bool:
@@ -114,6 +116,8 @@ def model_json(run: RunRecord) -> dict:
         # What the defense decided, read off its result (never the configuration), with the one
         # sentence the report's headline and the terminal's summary both say (defense/decision.py).
         "decision": decision.to_dict(),
+        # Trigger-free backdoor evidence: the scan of the received model and of the defended one.
+        "scan": {when: s.to_json() for when, s in r.scans.items()} or None,
         "layer": r.layer,
         "layer_reason": r.layer_reason,
         "num_channels": r.num_channels,

@@ -6,7 +6,8 @@ from pathlib import Path
 from ..defense.decision import DISCARDED, decision_of, finetune_words, headline
 from ..errors import as_flags
 from ..purify.registry import paper, resolve, summary
-from ..report.html import FigureBlock, MetricRow, ReportData
+from ..purify.scan.report import CAVEAT
+from ..report.html import EvidenceBlock, FigureBlock, MetricRow, ReportData
 from .record import TORCHSCRIPT_NAME, RunRecord
 
 _METHOD_WORDS = {"fine-prune": "fine-pruning (prune, then fine-tune with the pruned channels held at zero)",
@@ -227,6 +228,29 @@ def _provenance(run: RunRecord) -> list[tuple[str, str]]:
     return rows
 
 
+def _evidence(run: RunRecord, pngs: dict[str, bytes]) -> list[EvidenceBlock]:
+    """The scans before and after the defense (none when scanning was off)."""
+    blocks = []
+    for when, s in run.result.scans.items():
+        rows = []
+        for c in sorted(s.classes, key=lambda c: -c.anomaly_index if c.anomaly_index == c.anomaly_index else 0):
+            rows.append([str(c.cls), f"{c.anomaly_index:.2f}", f"{c.kept_size:.1f}",
+                         f"{100 * c.kept_size / s.mask_elements:.1f}%", f"{100 * c.success:.0f}%",
+                         "flagged" if c.flagged else ""])
+        pictures = {}
+        for k in dict.fromkeys([*s.flagged, *s.smallest(3)]):
+            parts = [(part, pngs[f"scan-{when}-class{k}-{part}"]) for part in ("mask", "pattern", "applied")
+                     if f"scan-{when}-class{k}-{part}" in pngs]
+            if parts:
+                pictures[k] = parts
+        blocks.append(EvidenceBlock(
+            title=f"{'before' if when == 'before' else 'after'} the defense ({s.method}, {s.seconds:.0f} s)",
+            verdict=s.verdict(), flagged=bool(s.flagged),
+            columns=["class", "anomaly index", s.size_measure, "covers", "success", ""], rows=rows[:12],
+            pictures=pictures, note=(f"{len(rows) - 12} more classes in model.json" if len(rows) > 12 else "")))
+    return blocks
+
+
 def report_data(run: RunRecord, pngs: dict[str, bytes]) -> ReportData:
     metrics, note = _metrics(run)
     compact_table, compact_rows, compact_note = _compact(run)
@@ -240,4 +264,5 @@ def report_data(run: RunRecord, pngs: dict[str, bytes]) -> ReportData:
         compact_note=compact_note, plain_load_ok=plain_ok, plain_load_rows=plain_rows,
         plain_load_note=plain_note, provenance=_provenance(run), command=run.command,
         how_to_load=[(f"load {name}", code) for name, code in run.load_snippets().items()],
+        evidence=_evidence(run, pngs), evidence_note=CAVEAT if run.result.scans else "",
     )

@@ -35,6 +35,20 @@ class FigureBlock:
 
 
 @dataclass
+class EvidenceBlock:
+    """One backdoor scan: its verdict, its per-class table and the reversed triggers as pictures
+    (class -> [(what, PNG bytes)])."""
+
+    title: str
+    verdict: str
+    flagged: bool
+    columns: list[str]
+    rows: list[list[str]]
+    pictures: dict[int, list[tuple[str, bytes]]] = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass
 class ReportData:
     title: str
     subtitle: str
@@ -54,6 +68,8 @@ class ReportData:
     provenance: list[tuple[str, str]] = field(default_factory=list)
     command: str = ""
     how_to_load: list[tuple[str, str]] = field(default_factory=list)
+    evidence: list[EvidenceBlock] = field(default_factory=list)
+    evidence_note: str = ""
 
 
 _CSS = """
@@ -157,6 +173,28 @@ def _figure(block: FigureBlock) -> str:
     return f"<section><h2>{_e(block.title)}</h2>{body}</section>"
 
 
+def _evidence(blocks: list[EvidenceBlock], note: str) -> str:
+    """The scans before and after, side by side: verdict, table, reversed triggers."""
+    cols = []
+    for b in blocks:
+        head = "".join(f"<th>{_e(c)}</th>" for c in b.columns)
+        body = "".join("<tr>" + "".join(f"<td class='num'>{_e(v)}</td>" for v in row) + "</tr>" for row in b.rows)
+        pics = ""
+        for k, parts in b.pictures.items():
+            imgs = "".join(f"<figure style='display:inline-block;margin:4px'><img style='width:112px' "
+                           f"src='data:image/png;base64,{base64.b64encode(png).decode('ascii')}' alt='{_e(what)}'>"
+                           f"<figcaption>{_e(what)}</figcaption></figure>" for what, png in parts)
+            pics += f"<div class='help'>class {k}</div><div>{imgs}</div>"
+        cls = " bad" if b.flagged else ""
+        cols.append(f"<div><h3 style='font-size:15px;margin:0 0 6px'>{_e(b.title)}</h3>"
+                    f"<p class='{cls.strip()}'>{_e(b.verdict)}</p>"
+                    f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{pics}"
+                    + (f"<p class='note'>{_e(b.note)}</p>" if b.note else "") + "</div>")
+    warn = " class='warn'" if any(b.flagged for b in blocks[1:]) else ""
+    return (f"<section{warn}><h2>Backdoor evidence (trigger-free scan)</h2><div class='grid'>{''.join(cols)}</div>"
+            + (f"<p class='note'>{_e(note)}</p>" if note else "") + "</section>")
+
+
 def render_report(data: ReportData) -> str:
     """The whole page as one string."""
     parts = [
@@ -172,6 +210,8 @@ def render_report(data: ReportData) -> str:
     parts.append(f"<section><h2>Summary</h2>{_kv_grid(data.summary)}</section>")
     note = f"<p class='note'>{_e(data.metrics_note)}</p>" if data.metrics_note else ""
     parts.append(f"<section><h2>Before and after</h2>{_metrics_table(data.metrics)}{note}</section>")
+    if data.evidence:
+        parts.append(_evidence(data.evidence, data.evidence_note))
     parts += [_figure(f) for f in data.figures]
     compact = _compact_table(data.compact_table) if data.compact_table else ""
     if data.compact_rows:

@@ -100,7 +100,7 @@ def trigger_pngs(result: ScanResult, k: int, example: torch.Tensor) -> dict[str,
     return None
 
 
-def _example_for(k: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def example_for(k: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     other = torch.nonzero(y != k).flatten()
     return x[int(other[0]) if other.numel() else 0]
 
@@ -115,7 +115,7 @@ def write_scan_outputs(out: Path, result: ScanResult, examples: tuple[torch.Tens
     pictures: dict[int, dict[str, str]] = {}
     x, y = examples
     for k in pictured_classes(result):
-        pngs = trigger_pngs(result, k, _example_for(k, x, y))
+        pngs = trigger_pngs(result, k, example_for(k, x, y))
         if pngs is None:
             continue
         pictures[k] = {}
