@@ -66,3 +66,15 @@ def test_streaming_memory_tiny(tmp_path):
     row = json.loads(run.read_text())["rows"][0]
     assert row["rc"] == 0 and row["images"] == 24 and row["peak_rss_tree_mb"] > 0
     assert "model.safetensors" in row["outputs"]
+
+
+def test_vit_sweep_tiny(tmp_path):
+    """The ViT sweep benchmark (issue 24) on a 2-block ViT: the cut slices to token 0, and the
+    sliced sweep counts what the every-token sweep counts."""
+    pytest.importorskip("timm")
+    out = tmp_path / "vit_sweep.json"
+    _run("vit_sweep", ["--tiny", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["tokens_replayed"] == [0] and data["tokens_total"] == 17
+    assert data["equal_counts_sliced_vs_today_on_n_slow"] is True
+    assert data["sliced_sweep_s"] > 0 and "today_sweep_s_extrapolated_to_n_fast" in data

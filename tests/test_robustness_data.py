@@ -207,6 +207,23 @@ def test_image_folder_mixed_sizes_and_modes_load_with_input_size(model_file, tmp
     assert clean["skipped_unreadable_files"] == 2
 
 
+def test_image_folder_with_a_truncated_image_skips_and_counts_it(model_file, tmp_path, capsys):
+    """A file whose header reads but whose pixels do not decode (cut short) is skipped when the
+    folder is listed, as the eager loader skips it, and counted in model.json; the run goes on
+    (a lazy folder used to fail on it at decoding time, mid-run)."""
+    for c in range(10):
+        _png(tmp_path / "imgs" / str(c) / "a.png", (28, 28), "L")
+        _png(tmp_path / "imgs" / str(c) / "b.png", (28, 28), "L")
+    whole = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)).save(whole, format="PNG")
+    (tmp_path / "imgs" / "3" / "cut.png").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
+    rc, err = _defend(capsys, model_file, tmp_path / "out", "--data", tmp_path / "imgs", "--method", "prune",
+                      "--no-compact")
+    assert rc == 0, err
+    clean = json.loads((tmp_path / "out" / "model.json").read_text())["data"]["clean"]
+    assert clean["samples"] == 20 and clean["skipped_unreadable_files"] == 1
+
+
 def test_image_folder_with_no_readable_file(model_file, tmp_path, capsys):
     for c in ("a", "b"):
         (tmp_path / "imgs" / c).mkdir(parents=True)

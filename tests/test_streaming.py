@@ -21,6 +21,7 @@ from fineprune.data.generic import ImageFolderData, WavFolderData, load_data, lo
 from fineprune.data.splits import holdout
 from fineprune.defense.api import RunOptions
 from fineprune.defense.sweep import _Data, _sweep_key, full_sweep, sweep
+from fineprune.errors import BadInputError
 from fineprune.evaluation.metrics import accuracy
 from fineprune.models.small import SmallCNN
 from fineprune.training import _run_key, train
@@ -270,3 +271,145 @@ def test_inference_batch_bounds_bytes_not_small_inputs():
     b = inference_batch(big, 512)
     assert 1 <= b < 512 and b * 3 * 224 * 224 * 4 <= INFERENCE_BATCH_BYTES
     assert inference_batch(torch.zeros(1, 3, 4096, 4096), 256) == 1
+
+
+# --- Persistent workers, and how a lazy image folder checks its files (issue 24, item 3) --------
+
+class _Pids(Dataset):
+    """Items carry the id of the process that read them (a worker's, with workers > 0)."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int):
+        return torch.tensor([float(os.getpid())]), i
+
+
+def _read(data, **kw) -> tuple[set[int], list[int]]:
+    batches = list(stream.iter_batches(data, 4, **kw))
+    return {int(v) for x, _ in batches for v in x.flatten()}, [int(v) for _, y in batches for v in y]
+
+
+def test_workers_persist_across_passes_and_leave_the_global_generator_alone():
+    data = _Pids()
+    stream.close_workers()
+    try:
+        rng = torch.get_rng_state()
+        pids, labels = _read(data, workers=2)
+        assert labels == list(range(12)) and os.getpid() not in pids and len(pids) == 2
+        again, labels = _read(data, workers=2, order=torch.arange(11, -1, -1), start=2)
+        assert again == pids and labels == list(range(9, -1, -1))  # the same processes, new positions
+        assert _read(data)[0] == {os.getpid()}  # workers=0: read in this process
+        assert torch.equal(rng, torch.get_rng_state())  # no pass drew from torch's global generator
+        # A pass started while another over the same data is under way gets its own loader.
+        outer = stream.iter_batches(data, 4, workers=2)
+        first = next(outer)
+        nested_pids, nested = _read(data, workers=2)
+        assert nested == list(range(12)) and nested_pids.isdisjoint(pids)
+        assert first[1].tolist() + [int(v) for _, y in outer for v in y] == list(range(12))
+        assert _read(data, workers=2)[0] == pids  # the pool is still there afterwards
+    finally:
+        stream.close_workers()
+    assert _read(data, workers=2)[0].isdisjoint(pids)  # closed: a new pool
+    stream.close_workers()
+
+
+class _DropoutNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 32), torch.nn.ReLU(),
+                                       torch.nn.Dropout(0.5), torch.nn.Linear(32, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_lazy_training_with_dropout_equals_tensors(folder, workers):
+    """Dropout draws from torch's global generator; reading a folder (any workers) must not move
+    it, or the lazy run's dropout masks, hence its weights, differ from the tensor run's."""
+    lazy, eager = _pair(folder)
+    cfg = TrainConfig(epochs=2, lr=0.05, batch_size=16)
+    a, b = _DropoutNet(), _DropoutNet()
+    torch.manual_seed(5)
+    train(a, lazy, cfg, device=torch.device("cpu"), seed=3, workers=workers)
+    stream.close_workers()
+    torch.manual_seed(5)
+    train(b, eager, cfg, device=torch.device("cpu"), seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def _truncated_png(path: Path, size=(16, 16)) -> None:
+    """A PNG whose header reads fine but whose pixel data is cut short."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size[1], size[0]), 77, np.uint8)).save(buf, format="PNG")
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) - 30])
+
+
+@pytest.fixture
+def folder_with_truncated(folder, tmp_path) -> Path:
+    import shutil
+
+    root = tmp_path / "clean"
+    shutil.copytree(folder, root)
+    _truncated_png(root / "c1" / "zz_truncated.png")
+    return root
+
+
+def test_decode_check_skips_what_the_eager_loader_skips(folder_with_truncated):
+    eager, _ = load_image_folder(folder_with_truncated, mode="L")
+    lazy = ImageFolderData(folder_with_truncated, mode="L")  # check="decode" by default
+    assert eager.skipped == lazy.skipped == 1 and len(lazy) == len(eager) == 60
+    assert all(f.name != "zz_truncated.png" for f in lazy.files)
+    assert torch.equal(torch.stack([lazy[i][0] for i in range(60)]), eager.tensors[0])
+    assert torch.equal(stream.labels_of(lazy), eager.tensors[1])
+
+
+@pytest.mark.parametrize("check", ["headers", "none"])
+def test_a_file_failing_at_decode_time_stops_the_run_naming_it(folder_with_truncated, check):
+    lazy, _ = load_data(folder_with_truncated, lazy=True, mode="L", check=check)
+    assert lazy.skipped == 0 and len(lazy) == 61  # its header was fine / not read
+    bad = next(i for i, f in enumerate(lazy.files) if f.name == "zz_truncated.png")
+    with pytest.raises(BadInputError, match="zz_truncated.png: cannot decode.*check='decode'"):
+        lazy[bad]
+    with pytest.raises(BadInputError, match="zz_truncated.png"):
+        list(stream.iter_batches(lazy, 16, workers=0))
+
+
+def test_check_none_opens_no_file_when_listing(folder, monkeypatch):
+    import PIL.Image
+
+    opened = []
+    real = PIL.Image.open
+    monkeypatch.setattr(PIL.Image, "open", lambda f, *a, **k: (opened.append(f), real(f, *a, **k))[1])
+    lazy = ImageFolderData(folder, size=(16, 16), mode="L", check="none")
+    assert opened == [] and len(lazy) == 60
+    ImageFolderData(folder, mode="L", check="none")  # no size: one header gives the size to hold to
+    assert len(opened) == 1
+    opened.clear()
+    ImageFolderData(folder, mode="L", check="headers")
+    assert len(opened) == 60
+    monkeypatch.setattr(PIL.Image, "open", real)
+    eager = load_image_folder(folder, mode="L")[0]
+    assert torch.equal(torch.stack([lazy[i][0] for i in range(60)]), eager.tensors[0])
+    with pytest.raises(BadInputError, match="mode 'RGB' or 'L'"):
+        ImageFolderData(folder, mode=None, check="none")
+    with pytest.raises(BadInputError, match="check must be one of"):
+        load_data(folder, lazy=True, check="quick")
+
+
+def test_check_none_refuses_a_second_size_when_it_is_decoded(folder, tmp_path):
+    import shutil
+
+    root = tmp_path / "clean"
+    shutil.copytree(folder, root)
+    Image.fromarray(np.zeros((20, 16), np.uint8)).save(root / "c0" / "zz_tall.png")
+    lazy = ImageFolderData(root, mode="L", check="none")
+    odd = next(i for i, f in enumerate(lazy.files) if f.name == "zz_tall.png")
+    with pytest.raises(BadInputError, match="zz_tall.png is 20x16 .* one size"):
+        lazy[odd]
+    with pytest.raises(BadInputError, match="different sizes"):
+        ImageFolderData(root, mode="L")  # the other checks refuse the folder when listing it

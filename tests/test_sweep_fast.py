@@ -161,3 +161,102 @@ def test_streaming_sweep_killed_midway_resumes_to_the_same_curve(tmp_path, monke
     with pytest.raises(BadInputError, match="cannot resume"):
         cached_sweep(m, "features.7", x, y, trig, batch_size=32, max_cache_mb=limit, checkpoint_path=ckpt,
                      resume=True)
+
+
+class _TokenNet(nn.Module):
+    """A one-block token MLP on (B, T, 6) inputs: tokens mix before the cut, the pruned layer is
+    the MLP's hidden units (channels last), and `pool` chooses how the head reads the tokens."""
+
+    def __init__(self, pool: str, tokens: int = 7, dim: int = 16, hidden: int = 24, classes: int = 5):
+        super().__init__()
+        self.pool = pool
+        self.embed = nn.Linear(6, dim)
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+        self.pos = nn.Parameter(torch.randn(1, tokens, dim))
+        self.scale = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x):
+        t = self.embed(x)
+        t = t + t.mean(1, keepdim=True)  # before the cut: may mix tokens
+        y = self.norm(t + self.fc2(self.act(self.fc1(t))) * self.scale)
+        p = self.pool
+        if p == "token":
+            z = y[:, 0]
+        elif p == "select":
+            z = y.select(1, 2)
+        elif p == "two":
+            z = y[:, 0] + y[:, 3]
+        elif p == "mean":
+            z = y.mean(1)
+        elif p == "zero-times-mean":  # only token 0 matters numerically, but the graph mixes tokens
+            z = y[:, 0] + 0 * y.mean(1)
+        elif p == "per-token-constant":  # a constant that differs per token
+            z = (y + self.pos)[:, 0]
+        elif p == "negative-index":
+            z = y[:, -1]
+        else:  # "reshape"
+            z = y.flatten(1)[:, :16]
+        return self.head(z)
+
+
+# pool -> the tokens the cut may slice the boundary to (None: it must keep every token)
+TOKEN_POOLS = {"token": [0], "select": [2], "two": [0, 3], "mean": None, "zero-times-mean": None,
+               "per-token-constant": None, "negative-index": None, "reshape": None}
+
+
+def _token_net(pool: str) -> nn.Module:
+    torch.manual_seed(0)
+    m = _TokenNet(pool).eval()
+    with torch.no_grad():
+        m.fc2.weight.mul_(5.0)  # louder hidden units, so pruning moves the predictions
+    return m
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("pool", list(TOKEN_POOLS))  # tiny models: far faster on one thread
+def test_token_slicing_only_where_the_graph_proves_it_and_exact_every_k(pool):
+    m = _token_net(pool)
+    x = torch.randn(40, 7, 6, generator=torch.Generator().manual_seed(1))
+    y = labels_near_model(m, x, classes=5)
+    trig = TriggeredSet(x[:15].clone(), y[:15], (y[:15] + 1) % 5)
+    cut = cut_at(m, "act", x[:1])
+    assert cut.channel_dim == -1
+    assert (None if cut.tokens is None else cut.tokens.tokens) == TOKEN_POOLS[pool]
+    a = cached_sweep(m, "act", x, y, trig, batch_size=16)
+    assert a.extra["tokens"] == TOKEN_POOLS[pool]
+    b = full_sweep(m, "act", x, y, trig, batch_size=16)
+    assert_same_curve(a, b)
+    assert a.channel_means == b.channel_means
+    assert len(set(a.clean_correct)) > 1
+
+
+@pytest.mark.usefixtures("one_thread")  # tiny models: far faster on one thread
+def test_token_check_is_a_graph_proof_not_a_numerical_one():
+    """In `zero-times-mean` the logits do not move when tokens other than 0 change, yet the head's
+    graph averages every token: the check refuses to slice (it proves, it does not sample)."""
+    m = _token_net("zero-times-mean")
+    x = torch.randn(4, 7, 6, generator=torch.Generator().manual_seed(2))
+    cut = cut_at(m, "act", x[:1])
+    with torch.no_grad():
+        boundary = cut.pre(x)
+        moved = [b.clone() for b in boundary]
+        moved[0][:, :, 1:] += 3.0  # h is (B, C, T) at the cut
+        moved[1][:, 1:] -= 2.0
+        assert torch.equal(cut.head(*boundary), cut.head(*moved))
+    assert cut.tokens is None
+
+
+@pytest.mark.usefixtures("one_thread")  # tiny models: far faster on one thread
+def test_token_sliced_sweep_streams_under_max_cache_mb():
+    m = _token_net("two")
+    x = torch.randn(120, 7, 6, generator=torch.Generator().manual_seed(3))
+    y = labels_near_model(m, x, classes=5)
+    trig = TriggeredSet(x[:50].clone(), y[:50], (y[:50] + 1) % 5)
+    a = cached_sweep(m, "act", x, y, trig, batch_size=16)
+    per_sample_mb = (24 + 16) * 2 * 4 / 2**20  # two tokens of h and of the residual stream
+    assert a.extra["tokens"] == [0, 3] and a.extra["cache_mb"] == pytest.approx(170 * per_sample_mb, abs=1e-3)
+    b = cached_sweep(m, "act", x, y, trig, batch_size=16, max_cache_mb=40 * per_sample_mb)
+    assert b.extra["streamed_samples"] > 0
+    assert_same_curve(a, b)
+    assert a.channel_means == b.channel_means and a.triggered_means == b.triggered_means

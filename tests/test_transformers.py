@@ -39,6 +39,12 @@ def _vit(classes: int = 5) -> nn.Module:
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=classes, **SMALL_VIT)
 
 
+def _vit_avg(classes: int = 5) -> nn.Module:
+    """A ViT whose head averages the tokens (global_pool='avg'): every token reaches the logits."""
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=classes,
+                             global_pool="avg", **SMALL_VIT)
+
+
 def _deit(classes: int = 5) -> nn.Module:
     return timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=classes, **SMALL_VIT)
 
@@ -57,6 +63,7 @@ def _tv_vit(classes: int = 5) -> nn.Module:
 # builder, expected layer, expected hidden units, first and second Linear of that MLP
 MODELS = {
     "timm-vit": (_vit, "blocks.1.mlp.act", 128, "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"),
+    "timm-vit-avg": (_vit_avg, "blocks.1.mlp.act", 128, "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"),
     "timm-deit": (_deit, "blocks.1.mlp.act", 128, "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"),
     "timm-mixer": (_mixer, "blocks.1.mlp_channels.act", 128, "blocks.1.mlp_channels.fc1",
                    "blocks.1.mlp_channels.fc2"),
@@ -117,8 +124,16 @@ def test_a_named_layer_after_a_linear_has_channels_last():
     assert find_prune_layer(model, _inputs(2), "patch_embed.proj").channel_dim == 1
 
 
+# The tokens the cut proves to reach the logits (class-token pooling: token 0 only; DeiT without
+# distillation pools like ViT). None: the logits read every token (the Mixer's and a ViT with
+# global_pool='avg' average them), so no slicing may happen.
+SLICED_TOKENS = {"timm-vit": [0], "timm-deit": [0], "timm-mixer": None, "torchvision-vit": [0],
+                 "timm-vit-avg": None}
+
+
 @pytest.mark.parametrize("key", list(MODELS))
 def test_cached_sweep_equals_full_masked_passes_at_every_k(key):
+    """Sliced (class-token pooling) or not, the cached sweep counts what full masked passes do."""
     _, name, hidden, _, _ = MODELS[key]
     model = _model(key)
     x = _inputs(48)
@@ -127,10 +142,38 @@ def test_cached_sweep_equals_full_masked_passes_at_every_k(key):
     cached = cached_sweep(model, name, x, y, trig, batch_size=16, budget_mb=4)
     full = full_sweep(model, name, x, y, trig, batch_size=16)
     assert cached.mode == "cached" and len(cached.clean_correct) == hidden + 1
+    assert cached.extra["tokens"] == SLICED_TOKENS[key]  # the path under test
     assert_same_curve(cached, full)
-    assert cached.channel_means == full.channel_means
+    assert cached.channel_means == full.channel_means  # ranked over every token, sliced or not
     assert len(set(cached.clean_correct)) > 1  # pruning does change predictions here
     assert not pruned_channels(model, name)  # the sweep leaves no mask behind
+    if SLICED_TOKENS[key] is not None:
+        every_token = cached_sweep(model, name, x, y, trig, batch_size=16, budget_mb=4, tokens=False)
+        assert every_token.extra["tokens"] is None
+        assert_same_curve(every_token, full)
+        assert every_token.channel_means == cached.channel_means
+
+
+@pytest.mark.parametrize("key", ["timm-vit", "torchvision-vit", "timm-vit-avg"])
+def test_token_slice_replays_the_head_exactly(key):
+    """The sliced head on the sliced boundary gives the full head's logits (same operations on the
+    same values), and the cached values hold one token of 17, not all of them."""
+    from fineprune.defense.cut import cut_at
+
+    _, name, hidden, _, _ = MODELS[key]
+    model = _model(key)
+    x = _inputs(6)
+    cut = cut_at(model, name, x[:1])
+    if SLICED_TOKENS[key] is None:
+        assert cut.tokens is None
+        return
+    with torch.no_grad():
+        boundary = cut.pre(x)
+        sliced = cut.tokens.narrow(boundary)
+        assert torch.equal(cut.tokens.head(*sliced), cut.head(*boundary))
+        assert torch.equal(cut.head(*boundary), model(x))
+    assert boundary[0].shape == (6, hidden, 17) and sliced[0].shape == (6, hidden, 1)
+    assert [tuple(s.shape[:2]) for s in sliced[1:]] == [(6, 1)] * (len(sliced) - 1)  # the residual stream
 
 
 def test_masked_units_stay_zero_through_fine_tuning():

@@ -40,6 +40,11 @@ def _args(p: argparse.ArgumentParser) -> None:
     pre.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="resize images to H x W")
     pre.add_argument("--image-mode", choices=("rgb", "grey"), help="read image folders as colour or "
                      "greyscale (default: what the model's first convolution takes)")
+    pre.add_argument("--image-check", choices=("decode", "headers", "none"),
+                     help="how image folders are checked when listed: decode (default: every image once, "
+                          "unreadable ones skipped and counted in model.json, as an eager load would), headers "
+                          "(each file's header only; a file failing later stops the run, naming it) or none (no "
+                          "file opened, for network folders; needs --image-mode, and --input-size for mixed sizes)")
     pre.add_argument("--audio-length", type=int, metavar="N", help="samples per waveform (wav folders)")
     pre.add_argument("--sample-rate", type=int, metavar="HZ", help="expected wav sample rate")
     d = p.add_argument_group("defense")

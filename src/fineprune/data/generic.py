@@ -19,6 +19,7 @@ import re
 import wave
 import zipfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -385,40 +386,83 @@ class _FolderData(Dataset):
         return new
 
 
+#: How a lazy image folder checks its files when it lists them (`ImageFolderData(check=...)`).
+IMAGE_CHECKS = ("decode", "headers", "none")
+_IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
+
+
+def _probe(path: Path, decode: bool) -> tuple[str, tuple[int, int]] | Exception:
+    """(mode, size) of one image, reading its header (and with `decode`, all its pixels, as the
+    eager loader does), or the error that makes it unreadable."""
+    try:
+        with Image.open(path) as im:
+            if decode:
+                im.load()
+            return im.mode, im.size
+    except _IMAGE_ERRORS as exc:
+        return exc
+
+
 class ImageFolderData(_FolderData):
     """An ImageFolder-layout folder read lazily: the same files, labels, conversion and resizing
     as `load_image_folder`, so its items equal that TensorDataset's rows bit for bit.
 
-    Listing opens each file's header (no pixel decoding): unreadable files are skipped and
-    counted as by the eager loader, and the colour mode (for `mode` None) and the one-size check
-    (without `size`) are settled before any long phase. A file that fails later, at decoding,
-    raises BadInputError naming it."""
+    `check` says how the files are checked when listed, before any long phase:
+    * "decode" (default): every image is decoded once (in `threads` threads; pixels are not
+      kept), and those that cannot be read -- a bad header, or pixel data that fails to decode,
+      such as a truncated file -- are skipped, logged and counted in `skipped`, exactly as the
+      eager loader does: the same files, hence the same results. The colour mode (for `mode`
+      None) and the one-size check (without `size`) are settled too.
+    * "headers": each file's header only is opened (no pixel decoding): unreadable headers are
+      skipped and counted, mode and size settled; a file whose pixels fail to decode later raises
+      BadInputError naming it.
+    * "none": no file is opened (for folders on network storage, where opening every file
+      before the run is slow): `mode` must be given ("RGB" or "L"); without `size`, the first
+      image's header gives the size every image must have, checked as each is decoded. Any file
+      that cannot be decoded raises BadInputError naming it when it is read.
+    A file that fails at decoding time is never skipped silently mid-run: skipping it then would
+    change the positions, splits and counts of passes already made."""
 
     kind = "images"
 
     def __init__(self, path: str | os.PathLike[str], size: int | tuple[int, int] | None = None,
-                 mode: str | None = "RGB", transform: ItemTransform | None = None) -> None:
+                 mode: str | None = "RGB", transform: ItemTransform | None = None, *,
+                 check: str = "decode", threads: int | None = None) -> None:
+        if check not in IMAGE_CHECKS:
+            raise BadInputError(f"check must be one of {', '.join(IMAGE_CHECKS)}, not {check!r}")
         root, class_dirs, hw = _image_classes(path, size, mode)
+        if check == "none" and mode is None:
+            raise BadInputError(
+                "mode None picks the colour mode from every image's header, but check='none' opens "
+                "no file: pass mode 'RGB' or 'L' (--image-mode rgb|grey)")
+        listed: list[tuple[Path, int]] = []
+        for label, cdir in enumerate(class_dirs):
+            found = _files_under(cdir, IMAGE_EXTENSIONS)
+            if not found:
+                log.warning("class folder %s holds no images; class %d will have no samples", cdir, label)
+            listed += [(f, label) for f in found]
+        if check == "none":
+            probes: list = [None] * len(listed)
+        else:
+            workers = max(1, threads or min(8, os.cpu_count() or 1))
+            decode = check == "decode"
+            with ThreadPoolExecutor(workers) as pool:  # PIL decodes with the GIL released
+                probes = list(pool.map(lambda f: _probe(f, decode), [f for f, _ in listed]))
         files: list[Path] = []
         labels: list[int] = []
         modes: set[str] = set()
         sizes: set[tuple[int, int]] = set()
         skipped = 0
-        for label, cdir in enumerate(class_dirs):
-            found = _files_under(cdir, IMAGE_EXTENSIONS)
-            if not found:
-                log.warning("class folder %s holds no images; class %d will have no samples", cdir, label)
-            for f in found:
-                try:
-                    with Image.open(f) as im:
-                        modes.add(im.mode)
-                        sizes.add(im.size)
-                except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-                    log.warning("skipping unreadable image %s: %s", f, exc)
-                    skipped += 1
-                    continue
-                files.append(f)
-                labels.append(label)
+        for (f, label), probe in zip(listed, probes):
+            if isinstance(probe, Exception):
+                log.warning("skipping unreadable image %s: %s", f, probe)
+                skipped += 1
+                continue
+            if probe is not None:
+                modes.add(probe[0])
+                sizes.add(probe[1])
+            files.append(f)
+            labels.append(label)
         if not files:
             raise BadInputError(
                 f"no readable images in {root} (skipped {skipped} unreadable files); "
@@ -426,9 +470,17 @@ class ImageFolderData(_FolderData):
             )
         if skipped:
             log.warning("skipped %d unreadable image files in %s", skipped, root)
+        self.one_size: tuple[int, int] | None = None  # check="none" without `size`: (W, H) of the first
         if hw is None:
-            _one_size(root, sizes)
-        self.mode, self.hw = _pick_mode(mode, modes), hw
+            if check == "none":
+                first = _probe(files[0], decode=False)
+                if isinstance(first, Exception):
+                    raise BadInputError(f"{files[0]}: cannot read the image header ({first}); "
+                                        "remove or replace the file")
+                self.one_size = first[1]
+            else:
+                _one_size(root, sizes)
+        self.mode, self.hw, self.check = _pick_mode(mode, modes), hw, check
         super().__init__(root, files, torch.tensor(labels, dtype=torch.long), [p.name for p in class_dirs],
                          {"mode": self.mode, "size": hw}, transform, skipped)
 
@@ -436,9 +488,18 @@ class ImageFolderData(_FolderData):
         try:
             with Image.open(path) as im:
                 im.load()
+                got = im.size
                 a = _image_tensor(im, self.mode, self.hw)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise BadInputError(f"{path}: cannot decode the image ({exc}); remove or replace the file") from None
+        except _IMAGE_ERRORS as exc:
+            hint = "" if self.check == "decode" else (
+                "; or list the folder with check='decode' (the default), which skips unreadable "
+                "files up front as the eager loader does")
+            raise BadInputError(f"{path}: cannot decode the image ({exc}); remove or replace the file{hint}") from None
+        if self.one_size is not None and got != self.one_size:
+            (w1, h1), (w2, h2) = self.one_size, got
+            raise BadInputError(
+                f"{path} is {h2}x{w2} (HxW) but {self.files[0]} is {h1}x{w1}; images must have one size: "
+                "pass size=(H, W) (the model's input size, --input-size) to resize them all")
         return torch.from_numpy(a).permute(2, 0, 1).float().div_(255.0).contiguous()
 
 
@@ -511,7 +572,7 @@ _WAV_OPTS = ("length", "sample_rate")
 
 
 def load_data(path: str | os.PathLike[str], *, lazy: bool = False, transform: ItemTransform | None = None,
-              **opts: Any) -> tuple[Dataset, list[str]]:
+              check: str | None = None, **opts: Any) -> tuple[Dataset, list[str]]:
     """Load clean data from whatever `path` is: an `.npz`, a folder of images, or of wavs.
 
     Options that do not apply to the kind found (e.g. `length` for images) are ignored, so one
@@ -520,7 +581,13 @@ def load_data(path: str | os.PathLike[str], *, lazy: bool = False, transform: It
     `lazy`: a folder becomes an `ImageFolderData` / `WavFolderData` (decoded per item, with
     `transform` applied to each decoded item) instead of a TensorDataset; an `.npz` is always
     read whole (a TensorDataset; `transform` does not apply to it).
+    `check`: how a lazy image folder checks its files when listing them, "decode" (default:
+    unreadable files skipped and counted, as the eager loader does), "headers" or "none" (no
+    file opened, for network folders): see `ImageFolderData`. Ignored where it does not apply
+    (an eager folder decodes every file anyway; wav folders and `.npz` files).
     """
+    if check is not None and check not in IMAGE_CHECKS:
+        raise BadInputError(f"check must be one of {', '.join(IMAGE_CHECKS)}, not {check!r}")
     unknown = set(opts) - set(_IMAGE_OPTS) - set(_WAV_OPTS)
     if unknown:
         raise TypeError(f"unknown data option(s): {sorted(unknown)}")
@@ -538,7 +605,7 @@ def load_data(path: str | os.PathLike[str], *, lazy: bool = False, transform: It
         if _folder_kind(p) == "images":
             image_opts = {k: opts[k] for k in _IMAGE_OPTS if k in opts}
             if lazy:
-                ds = ImageFolderData(p, transform=transform, **image_opts)
+                ds = ImageFolderData(p, transform=transform, check=check or "decode", **image_opts)
                 return ds, list(ds.class_names)
             return load_image_folder(p, **image_opts)
         wav_opts = {k: opts[k] for k in _WAV_OPTS if k in opts}

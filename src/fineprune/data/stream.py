@@ -6,16 +6,29 @@ other `torch.utils.data.Dataset` (a lazy image or wav folder, a user's own class
 DataLoader whose sampler walks the same positions in the same order, so a lazy dataset and the
 equivalent TensorDataset give the same batches, and training or sweeping them gives the same
 result. Decoding then runs in `workers` DataLoader processes, and nothing holds all inputs at once.
+
+Worker processes persist across passes: the first pass over a dataset with `workers` > 0 starts
+a pool that later passes over the same dataset object reuse (a new pass only hands it new
+positions), instead of starting and stopping processes for every epoch, evaluation and sweep
+phase. At most `MAX_POOLS` pools live at once (least recently used closed first), and
+`close_workers()` closes them all. A dataset must therefore not change between passes (the
+workers keep the copy they started with); fineprune's own datasets never do. No pass draws from
+torch's global random generator (the DataLoader's worker seeds come from a private one), so
+reading a dataset lazily, with or without workers, leaves every later random draw (dropout,
+shuffles) as reading the same data from tensors does.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from ..errors import BadInputError
@@ -55,6 +68,74 @@ def _collate(items: list) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.as_tensor(batch[0]), torch.as_tensor(batch[1]).long()
 
 
+class _Batches:
+    """A DataLoader's batch sampler whose batches are replaced before each pass, so one pool of
+    persistent workers serves passes over different positions."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+@dataclass
+class _Pool:
+    loader: DataLoader
+    sampler: _Batches
+    busy: bool = False  # a pass is reading it (a second, nested pass gets its own loader)
+
+
+#: Worker pools kept between passes (each holds `workers` processes and a reference to its dataset).
+MAX_POOLS = 3
+_POOLS: OrderedDict[tuple[int, int, bool], _Pool] = OrderedDict()
+_PASSES = itertools.count()
+
+
+def _seed_generator() -> torch.Generator:
+    """The generator a DataLoader draws its workers' base seed from: private (torch's global
+    generator is never drawn from), following the run's seed (`torch.initial_seed()` reads it
+    without drawing) and different for every loader made in this process."""
+    return torch.Generator().manual_seed((torch.initial_seed() + next(_PASSES)) % 2**63)
+
+
+def _loader(data: Dataset, batches, workers: int, pin: bool, persistent: bool) -> DataLoader:
+    return DataLoader(data, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+                      pin_memory=pin, persistent_workers=persistent, generator=_seed_generator())
+
+
+def _shutdown(pool: _Pool) -> None:
+    it = getattr(pool.loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    pool.loader._iterator = None
+
+
+def close_workers() -> None:
+    """Stop every persistent worker pool now (they also stop when the process exits)."""
+    while _POOLS:
+        _shutdown(_POOLS.popitem(last=False)[1])
+
+
+def _pool_for(data: Dataset, workers: int, pin: bool) -> tuple[tuple[int, int, bool], _Pool]:
+    key = (id(data), workers, pin)
+    pool = _POOLS.get(key)
+    if pool is not None and pool.loader.dataset is not data:  # cannot happen while the pool holds it
+        _shutdown(_POOLS.pop(key))
+        pool = None
+    if pool is None:
+        sampler = _Batches()
+        pool = _Pool(_loader(data, sampler, workers, pin, persistent=True), sampler)
+        _POOLS[key] = pool
+        while len(_POOLS) > MAX_POOLS:
+            _shutdown(_POOLS.popitem(last=False)[1])
+    _POOLS.move_to_end(key)
+    return key, pool
+
+
 def iter_batches(
     data: Dataset, batch_size: int, *, order: torch.Tensor | None = None, start: int = 0,
     stop: int | None = None, workers: int = 0, pin: bool = False,
@@ -63,8 +144,8 @@ def iter_batches(
     turn), `batch_size` at a time, the last batch possibly shorter.
 
     Tensors take the index-slicing fast path; any other Dataset a DataLoader over the same positions
-    (`workers` processes, `pin`ned memory when CUDA is present, no persistent workers: a worker
-    pool outliving one pass would hold file handles and memory between phases)."""
+    (`workers` processes, kept for later passes over the same dataset: see the module docstring;
+    `pin`ned memory when CUDA is present)."""
     if batch_size < 1:
         raise BadInputError(f"`batch_size` must be >= 1, got {batch_size}")
     if workers < 0:
@@ -87,10 +168,26 @@ def iter_batches(
     if start >= stop:
         return
     positions: Sequence[int] = order[start:stop].tolist() if order is not None else range(start, stop)
-    loader = DataLoader(data, batch_size=batch_size, sampler=positions, num_workers=workers,
-                        collate_fn=_collate, pin_memory=pin and torch.cuda.is_available(),
-                        persistent_workers=False, drop_last=False)
-    yield from loader
+    batches = [list(positions[i : i + batch_size]) for i in range(0, len(positions), batch_size)]
+    pin = pin and torch.cuda.is_available()
+    if workers == 0:
+        yield from _loader(data, batches, 0, pin, persistent=False)
+        return
+    key, pool = _pool_for(data, workers, pin)
+    if pool.busy:  # a pass over this dataset is under way (nested reading): a one-pass loader
+        yield from _loader(data, batches, workers, pin, persistent=False)
+        return
+    pool.sampler.batches, pool.busy = batches, True
+    try:
+        yield from pool.loader
+    except GeneratorExit:  # the reader stopped early: the next pass resets the pool
+        raise
+    except BaseException:  # a worker failed (e.g. an undecodable file): do not reuse the pool
+        if _POOLS.get(key) is pool:
+            _shutdown(_POOLS.pop(key))
+        raise
+    finally:
+        pool.busy = False
 
 
 def iter_inputs(data: Inputs, batch_size: int, *, start: int = 0, stop: int | None = None,
@@ -153,6 +250,8 @@ def labels_of(data: Dataset, workers: int = 0) -> torch.Tensor:
         return y if rows is None else y[rows]
     if isinstance(data, Subset):
         return labels_of(data.dataset, workers)[torch.as_tensor(data.indices, dtype=torch.long)]
+    if isinstance(data, ConcatDataset):
+        return torch.cat([labels_of(d, workers) for d in data.datasets])
     for attr in ("targets", "labels"):
         known = getattr(data, attr, None)
         if known is not None and not callable(known):

@@ -218,9 +218,11 @@ def _copy_graph(nodes: list[fx.Node], inputs: dict[fx.Node, str], result: fx.Nod
     return g
 
 
-def plan_head(cut: NetworkCut) -> HeadPlan:
-    """Split `cut.head` into the zero-preserving channel-wise prefix and the rest (the body)."""
-    head = cut.head
+def plan_head(cut: NetworkCut, tokens: bool = True) -> HeadPlan:
+    """Split the head into the zero-preserving channel-wise prefix and the rest (the body): the
+    head on the token-sliced boundary when the cut found class-token pooling (`cut.tokens`) and
+    `tokens` is on, else `cut.head`."""
+    head = cut.tokens.head if tokens and cut.tokens is not None else cut.head
     mods = _modules(head)
     nodes = list(head.graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]

@@ -3,10 +3,12 @@
 The cached sweep runs the network up to the pruned layer once per input, keeps what crosses the
 cut (after the head's zero-preserving channel-wise prefix, e.g. a max-pool: see `head_plan`), and
 then evaluates only the head for each k: incrementally when every first layer after the cut is
-linear (`head_plan`), else several k per batch of the exact head (`counting`). The same pass gives the channel statistics. With
-`max_cache_mb`, what does not fit is recomputed chunk by chunk after the ranking pass instead of
-being kept. When the model cannot be cut (torch.fx cannot trace it), the fallback runs the whole
-masked network for each k.
+linear (`head_plan`), else several k per batch of the exact head (`counting`). Where the cut
+proves class-token pooling (a ViT whose logits read token 0 alone: `cut.TokenSlice`), only the
+tokens that reach the logits are cached and replayed. The same pass gives the channel statistics
+(over every token). With `max_cache_mb`, what does not fit is recomputed chunk by chunk after the
+ranking pass instead of being kept. When the model cannot be cut (torch.fx cannot trace it), the
+fallback runs the whole masked network for each k.
 
 What is guaranteed (the tests check it; `error_bounds` proves the certified part):
 * The ranking is the full protocol's: channel means are float64 sums of the same front outputs,
@@ -138,12 +140,19 @@ class _Data:
 
 
 class _Front:
-    """Runs the network's front and the head's prefix batch by batch."""
+    """Runs the network's front and the head's prefix batch by batch. With `tokens` (a
+    `cut.TokenSlice`), the boundary is cut down to the tokens that reach the logits after the
+    channel statistics (over every token) are taken, and only those tokens are cached."""
 
     def __init__(self, cut: NetworkCut, plan: HeadPlan, batch_size: int, device: torch.device,
-                 bar: tqdm, workers: int = 0) -> None:
+                 bar: tqdm, workers: int = 0, tokens=None) -> None:
         self.cut, self.plan, self.bs, self.device, self.bar = cut, plan, batch_size, device, bar
-        self.workers = workers
+        self.workers, self.tokens = workers, tokens
+
+    def _cached(self, boundary: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        if self.tokens is not None:
+            boundary = self.tokens.narrow(boundary)
+        return [self.plan.prefix(boundary[0]), *boundary[1:]]
 
     @torch.inference_mode()
     def run(self, data: _Data, start: int, stop: int, out: list[torch.Tensor] | None,
@@ -157,7 +166,7 @@ class _Front:
             boundary = self.cut.pre(xb.to(self.device))
             data.sums.append(_channel_sums(boundary[0]))
             if out is not None:
-                vals = [self.plan.prefix(boundary[0]), *boundary[1:]]
+                vals = self._cached(boundary)
                 for o, v in zip(out, vals):
                     o[row0 + i - start : row0 + j - start] = v
             self.bar.update(j - i)
@@ -168,8 +177,8 @@ class _Front:
         """Channels and positions per channel of h, and the per-sample shape and dtype of each
         cached value."""
         boundary = self.cut.pre(stream.take(x, 1).to(self.device))
-        vals = [self.plan.prefix(boundary[0]), *boundary[1:]]
-        h = boundary[0]
+        vals = self._cached(boundary)
+        h = boundary[0]  # channel statistics average over every position (every token)
         return h.shape[1], h[0].numel() // h.shape[1], [(v.shape[1:], v.dtype) for v in vals]
 
 
@@ -276,6 +285,7 @@ def cached_sweep(
     order: list[int] | None = None,
     criterion: str | None = None,
     workers: int = 0,
+    tokens: bool = True,
 ) -> SweepCurve:
     """Sweep k = 0..C with the front of the network run once (see module docstring).
 
@@ -292,7 +302,11 @@ def cached_sweep(
     `order`: an explicit pruning order (a permutation of the layer's channels, first = pruned
     first) replacing the activation ranking, e.g. from `criteria.channel_order`; the channel means
     are still measured and reported. `criterion` names it in the curve (default "activation"
-    without `order`, "custom" with one)."""
+    without `order`, "custom" with one).
+    `tokens`: where the cut proved class-token pooling (`cut.TokenSlice`: a ViT's logits read
+    token 0 alone), cache and replay only the tokens that reach the logits (the same counts at
+    every k, about tokens-fold less work per k); `tokens=False` keeps every token (for
+    comparisons)."""
     t0 = time.perf_counter()
     device = device or next(model.parameters()).device
     batch_size = stream.inference_batch(x_clean, batch_size)
@@ -300,7 +314,8 @@ def cached_sweep(
     model.eval()
     try:
         cut = cut or cut_at(model, layer, stream.take(x_clean, 1).to(device))
-        plan = plan_head(cut)
+        sliced = cut.tokens if tokens else None
+        plan = plan_head(cut, tokens=sliced is not None)
         if y_clean is None:
             y_clean = stream.labels_of(x_clean, workers)
         sets = [_Data(x_clean, [y_clean])]
@@ -309,7 +324,7 @@ def cached_sweep(
         total = sum(stream.num_samples(d.x) for d in sets)
         progress = as_progress(progress)
         bar = progress.bar(total, "cache features", unit="img", leave=False)
-        front = _Front(cut, plan, batch_size, device, bar, workers)
+        front = _Front(cut, plan, batch_size, device, bar, workers, sliced)
         channels, positions, shapes = front.shapes(x_clean)
         given = None if order is None else check_order(order, channels)
         per_sample = _nbytes([torch.empty(s, dtype=t) for s, t in shapes])
@@ -368,6 +383,7 @@ def cached_sweep(
         "streamed_samples": sum(stream.num_samples(d.x) - d.n_stored for d in sets),
         "resumed": state is not None,
         "cache_mb": round(sum(d.n_stored for d in sets) * per_sample / 2**20, 3),
+        "tokens": None if sliced is None else list(sliced.tokens),  # tokens replayed (None: all)
     }
     return SweepCurve(
         layer=layer, order=order.tolist(), channel_means=means.tolist(),

@@ -117,7 +117,8 @@ def defend_files(job: DefendJob, *, progress: bool | Progress = False) -> Defend
     say(f"[2/{PHASES}] loading the data")
     t0 = time.perf_counter()
     image_mode = job.image_mode or {1: "grey", 3: "rgb"}.get(expected_channels or 0)
-    prep = Preprocessing(job.mean, job.std, job.input_size, job.audio_length, job.sample_rate, image_mode)
+    prep = Preprocessing(job.mean, job.std, job.input_size, job.audio_length, job.sample_rate, image_mode,
+                         image_check=job.image_check)
     tasks = TaskSource(str(job.data_root) if job.data_root else None, job.seed)
     clean = load_input(job.data, prep, "clean", tasks)
     classes = clean.class_names

@@ -59,6 +59,7 @@ class DefendJob:
     audio_length: int | None = None
     sample_rate: int | None = None
     image_mode: str | None = None
+    image_check: str = "decode"  # how image folders are checked when listed (data.generic.IMAGE_CHECKS)
     data_root: str | Path | None = None
     val_fraction: float = 0.2
     epochs: int | None = None
@@ -141,6 +142,10 @@ class DefendJob:
         if self.triggered is not None and self.target is None and task_ref(self.triggered) is None:
             raise BadInputError("`triggered` needs `target`: the label the attack sends triggered "
                                 "inputs to (an index or a class name)")
+        from ..data.generic import IMAGE_CHECKS
+
+        if self.image_check not in IMAGE_CHECKS:
+            raise BadInputError(f"`image_check` must be one of {', '.join(IMAGE_CHECKS)}, not {self.image_check!r}")
         if self.image_mode is not None and self.image_mode not in ("rgb", "grey"):
             raise BadInputError(f"`image_mode` must be rgb or grey, not {self.image_mode!r}")
         if self.epochs is not None and int(self.epochs) < 0:
@@ -195,7 +200,7 @@ class DefendJob:
         added after the first runs only when they differ from their defaults, so earlier runs'
         command lines stay as they were)."""
         later = {**{f: default(f).spec() for f in (*METHOD_FIELDS, "scan")}, "precision": DEFAULT_PRECISION,
-                 "channels_last": False}
+                 "channels_last": False, "image_check": "decode"}
         args = ["fineprune", "defend"]
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
