@@ -35,8 +35,8 @@ _BASES: dict[str, type[Method]] = {}
 # The modules that define each family's built-in methods, imported on first use (so that
 # importing the registry stays cheap and free of cycles).
 _BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
-    "recipe": ("fineprune.purify.recipes", "fineprune.purify.unlearning"),
-    "criterion": ("fineprune.purify.criteria",),
+    "recipe": ("fineprune.purify.recipes", "fineprune.purify.unlearning", "fineprune.purify.reversed_trigger"),
+    "criterion": ("fineprune.purify.criteria", "fineprune.purify.reversed_trigger"),
     "stop_rule": ("fineprune.purify.stop_rules",),
     "scan": ("fineprune.purify.scan",),
 }
