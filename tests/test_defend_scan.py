@@ -12,7 +12,7 @@ import torch
 from conftest import on_sys_path
 from test_scan import TARGET, TRIGGER, synthetic, tiny_cnn
 
-from fineprune import RunOptions, defend
+from fineprune import defend
 from fineprune.attack.badnets import BadNets
 from fineprune.attack.policy import AllToOne
 from fineprune.cli import main
@@ -94,12 +94,12 @@ def test_no_scan_and_the_api_switch(planted, tmp_path):
     assert info["scan"] is None and info["decision"]["evidence_remains"] is None
     assert not list(out.glob("scan-*.png"))
     assert _defend(root, tmp_path / "bad", "--no-scan", "--fail-on-evidence") == 2  # contradictory
-    # The Python API has the same switch: RunOptions(scan=...), off unless asked for.
+    # The Python API has the same switch: defend(scan=...), off unless asked for.
     x, y = synthetic(300, 3).tensors
     val = torch.utils.data.TensorDataset(x, y)
     assert defend(model, None, val, "prune", threshold=0).scans == {}
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    res = defend(model, None, val, "prune", threshold=0, run=RunOptions(scan=FAST_SCAN))
+    res = defend(model, None, val, "prune", threshold=0, scan=FAST_SCAN)
     assert set(res.scans) == {"before", "after"} and TARGET in res.scans["before"].flagged
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())  # the input model is untouched
 
@@ -115,3 +115,35 @@ def test_defend_scans_by_default(planted, tmp_path, monkeypatch):
     info = json.loads((out / "model.json").read_text())
     assert info["scan"]["before"]["spec"] == FAST_SCAN and "after" in info["scan"]
     assert "--scan" not in info["command"]  # the default is not spelled out
+
+
+def _api(model, recipe, factors, select="evidence", epochs=20):
+    ft, val = synthetic(200, 3), synthetic(100, 4)
+    return defend(model, ft, val, "fine-tune", recipe=recipe, lr_factors=factors, scan=FAST_SCAN, select=select,
+                  finetune=TrainConfig(epochs=epochs, lr=0.01, batch_size=32),
+                  triggered=BadNets(TRIGGER, AllToOne(TARGET), rate=0.1).triggered(synthetic(300, 2)))
+
+
+def test_the_scan_chooses_among_candidates_within_the_tolerance(planted):
+    """SAU at a hundredth of its rate keeps accuracy and the backdoor: the scan still flags the
+    target, so the next rate is tried and kept where the evidence is gone. With select=accuracy
+    the first run within the tolerance is kept, evidence and all."""
+    model, _ = planted
+    res = _api(model, "sau,lr=0.003", (0.01, 1.0))
+    hist = res.finetune
+    assert hist.lr == pytest.approx(0.003) and res.scans["after"].flagged == []
+    assert hist.attempts[0]["reason"] == "evidence" and TARGET in hist.attempts[0]["evidence"]
+    assert "finds no backdoor evidence" in hist.selection
+    assert res.after.asr < 0.2  # measured only: the triggered set chose nothing
+    accuracy_only = _api(model, "sau,lr=0.003", (0.01, 1.0), select="accuracy")
+    assert accuracy_only.finetune.lr == pytest.approx(0.00003) and TARGET in accuracy_only.scans["after"].flagged
+
+
+def test_when_nothing_within_the_tolerance_removes_the_evidence_it_says_so(planted):
+    model, _ = planted
+    res = _api(model, "plain", (0.001,), epochs=2)
+    assert TARGET in res.scans["after"].flagged
+    assert any("backdoor evidence remains in every candidate within the" in w for w in res.warnings)
+    from fineprune.defense.decision import headline
+
+    assert "Backdoor evidence remains after the defense" in headline(res)

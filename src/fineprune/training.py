@@ -68,6 +68,7 @@ class TrainHistory:
     diverged: bool = False  # the loss became NaN or infinite: training stopped at that epoch
     lr: float | None = None  # the learning rate of the run kept (the defense's fine-tuning may retry gentler)
     attempts: list[dict] = field(default_factory=list)  # the defense's discarded fine-tuning runs
+    selection: str = ""  # why the defense kept this run when a backdoor scan took part in choosing
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

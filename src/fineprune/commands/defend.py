@@ -79,6 +79,10 @@ def _args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--scan", metavar="SPEC", help="how to scan: " + help_line("scan"))
     e.add_argument("--no-scan", action="store_true", default=None, help="skip the scans (the result then "
                    "says nothing about whether a backdoor remains)")
+    e.add_argument("--select", choices=("evidence", "accuracy"),
+                   help="how fine-tuning's result is chosen: evidence (default: among the runs within "
+                        "--tolerance, and the model from before fine-tuning, prefer one the scan finds no "
+                        "evidence in) or accuracy (the first run within --tolerance; the scan only measures)")
     e.add_argument("--fail-on-evidence", action="store_true", default=None,
                    help="exit with status 3 when the scan still flags a class after the defense (for CI "
                         "pipelines; the outputs are written either way)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -37,6 +38,12 @@ CriterionSpec = str | Criterion | None
 StopRuleSpec = str | StopRule | None
 
 METHODS = ("fine-prune", "prune", "fine-tune")
+# How fine-tuning's candidates are chosen when a backdoor scan is given: "evidence" (the scan
+# chooses too: prefer candidates it finds no evidence in, issue 22) or "accuracy" (the scan only
+# measures). What chose "evidence": a result must never keep evidence it could have removed within
+# the user's tolerance; not yet measured against "accuracy" by the comparison (issue 23).
+SELECTIONS = ("evidence", "accuracy")
+ScanSpec = bool | str | Scan | None
 
 # What chose these values (README "Defaults"), said plainly: the learning rate was picked on ONE
 # model, the demo's BadNets MNIST model, with its TRIGGER: on the defender's validation split,
@@ -127,9 +134,6 @@ class RunOptions:
     checkpoint_path: str | os.PathLike[str] | None = None  # fine-tuning checkpoints (see training.train)
     sweep_checkpoint_path: str | os.PathLike[str] | None = None  # streaming-sweep checkpoints (see sweep)
     resume: bool = False
-    # Backdoor scans before and after the defense: None / False none, True the scan family's
-    # default, or a scan spec (`fineprune methods`). They only measure: nothing is chosen by them.
-    scan: bool | str | Scan | None = None
     sweep_mode: str = "auto"
     budget_mb: float = 256.0  # working memory of the sweep's batched head calls
     max_cache_mb: float | None = None  # bound on the sweep's cached features (None: no bound)
@@ -151,6 +155,8 @@ class _Defense:
     stop_rule: StopRule
     criterion: Criterion
     precision: str | None
+    scan: Scan | None
+    select: str
 
     def __post_init__(self) -> None:
         self.threshold = check_threshold(self.threshold)
@@ -161,6 +167,9 @@ class _Defense:
         for family in ("recipe", "criterion", "stop_rule"):
             if hasattr(self, family):
                 setattr(self, family, resolve(family, getattr(self, family), what=f"`{family}`"))
+        self.scan = _scanner(getattr(self, "scan", None))
+        if getattr(self, "select", "evidence") not in SELECTIONS:
+            raise BadInputError(f"`select` must be one of {', '.join(SELECTIONS)}, not {self.select!r}")
         factors = getattr(self, "lr_factors", (1.0,))
         if not factors or not all(isinstance(f, (int, float)) and f > 0 for f in factors):
             raise BadInputError(f"lr_factors must be positive numbers (at least one), got {factors!r}")
@@ -198,9 +207,10 @@ class _Defense:
             check_precision(self._finetune_config().precision, run.device, self._recipe())
         model = copy.deepcopy(model).to(run.device)
         model.eval()
-        scanner = _scanner(run.scan)
+        scanner = self.scan
         clean = val if train_data is None else ConcatDataset([train_data, val])
         scans = {} if scanner is None else {"before": _scan(scanner, model, clean, val, run)}
+        scan_fn = None if scanner is None else (lambda m: _scan(scanner, m, clean, val, run))
         before = evaluate(model, val, triggered, run.device, run.workers)
         out: dict = {"layer": None, "num_channels": 0, "pruned_channels": [], "timings": {},
                      "methods": {f: getattr(self, f).options() for f in self._families()}}
@@ -210,10 +220,14 @@ class _Defense:
                        pruned_channels=list(curve.order[:k]), timings={"sweep": curve.seconds},
                        layer_reason=choice.reason or None)
         if self.method != "prune":
-            out["finetune"], out["warnings"] = self._finetune(model, train_data, val, triggered, before, run)
+            out["finetune"], out["warnings"], kept_scan = self._finetune(
+                model, train_data, val, triggered, before, run, scan_fn,
+                scans.get("before") if self.method == "fine-tune" else None)
+            if kept_scan is not None:  # the kept candidate was scanned when it was chosen
+                scans["after"] = kept_scan
             out["finetune_config"] = self._finetune_config()
             out["timings"]["fine-tune"] = out["finetune"].seconds
-        if scanner is not None:
+        if scanner is not None and "after" not in scans:
             scans["after"] = _scan(scanner, model, clean, val, run)
             out["timings"]["scan"] = sum(s.seconds for s in scans.values())
         return DefenseResult(method=self.method, model=model, before=before,
@@ -237,8 +251,9 @@ class _Defense:
         return choice, curve, k
 
     def _finetune(self, model: nn.Module, train_data: Dataset, val: Dataset,
-                  triggered: TriggeredSet | None, before: Metrics, run: RunOptions
-                  ) -> tuple[TrainHistory, list[str]]:
+                  triggered: TriggeredSet | None, before: Metrics, run: RunOptions,
+                  scan_fn: Callable[[nn.Module], ScanResult] | None = None, start_scan: ScanResult | None = None,
+                  ) -> tuple[TrainHistory, list[str], ScanResult | None]:
         """Fine-tune in place, keeping the epoch with the best validation accuracy, under the
         accuracy guard: a run whose best epoch is more than `guard_tolerance` points below the original
         model on validation data (counted as the stop rule counts) diverged or over-fitted, and is
@@ -246,13 +261,24 @@ class _Defense:
         the first run within the threshold is kept. If none is, the model from before
         fine-tuning (pruned only, or the original) is kept, with a warning. So nothing a defense
         returns is worse than its own guard, and one learning rate that wrecks one network does
-        not decide the result alone."""
+        not decide the result alone.
+
+        With a backdoor scan (`scan_fn`) and `select` "evidence", the scan chooses too: a run
+        within the tolerance is kept only if the scan finds no evidence in it; else the next rate
+        is tried, then the model from before fine-tuning (scanned, or `start_scan`); if no
+        candidate within the tolerance is free of evidence, the accuracy rule's choice is kept and
+        a warning says so, offering the best evidence-free run outside the tolerance with its
+        cost. Only clean validation data and the scan choose. Returns the history, the warnings
+        and the kept candidate's scan (None when none was scanned)."""
         start = copy.deepcopy(model.state_dict())
         cfg = self._finetune_config()
         extra = (lambda m: attack_metrics(m, triggered, run.device, run.workers)[0]) if triggered is not None else None
         n = len(val)
         base = round(before.clean_acc * n)
+        tolerance = self.guard_tolerance / 100.0 * n + 1e-9
+        by_evidence = scan_fn is not None and self.select == "evidence"
         discarded: list[dict] = []
+        fallback: tuple[dict, TrainHistory, ScanResult] | None = None  # first run within the tolerance
         for i, factor in enumerate(self.lr_factors):
             if i:
                 model.load_state_dict(start)
@@ -263,21 +289,54 @@ class _Defense:
                          keep_best=True, progress=run.progress, desc=desc, checkpoint_path=ckpt,
                          resume=run.resume, recipe=self._recipe(), workers=run.workers)
             best = round(accuracy(model, val, run.device, run.workers) * n)
-            if base - best <= self.guard_tolerance / 100.0 * n + 1e-9:
+            within = base - best <= tolerance
+            found = scan_fn(model) if by_evidence else None
+            if within and (found is None or not found.flagged):
                 hist.attempts = discarded
-                return hist, [_retried(discarded, hist)] if discarded else []
-            discarded.append({"lr": hist.lr, "best_val_acc": best / n, "diverged": hist.diverged})
+                if found is not None:
+                    hist.selection = _selected(hist, discarded)
+                return hist, [_retried(discarded, hist)] if discarded else [], found
+            record = {"lr": hist.lr, "best_val_acc": best / n, "diverged": hist.diverged}
+            if found is not None:
+                record["evidence"] = list(found.flagged)
+            if within:  # evidence remains: the next rate may remove it within the tolerance
+                record["reason"] = "evidence"
+                if fallback is None:
+                    fallback = (copy.deepcopy(model.state_dict()), hist, found)
+            discarded.append(record)
         model.load_state_dict(start)
-        hist.best_epoch, hist.attempts = 0, discarded  # epoch 0: the model as it was before fine-tuning
         kept = "the pruned model" if self.method == "fine-prune" else "the original model"
-        return hist, [f"fine-tuning discarded: at every learning rate tried ({_tried(discarded)}) its best "
-                      f"epoch was more than {self.guard_tolerance:g} points below the original model's "
-                      f"{100 * base / n:.1f}% on validation data (diverged or over-fitted); "
-                      f"the output is {kept}, as before fine-tuning"]
+        start_found = None
+        if by_evidence:
+            start_found = start_scan if start_scan is not None else scan_fn(model)
+            if not start_found.flagged:  # the model before fine-tuning is within the tolerance and free of evidence
+                hist.best_epoch, hist.attempts = 0, discarded
+                hist.selection = (f"every fine-tuned run within the tolerance kept backdoor evidence; {kept}, "
+                                  "before fine-tuning, shows none, so it is the output")
+                return hist, [f"fine-tuning not kept: {hist.selection} ({_tried(discarded)})"], start_found
+            offer = _offer(discarded, base, n)
+            if fallback is not None:
+                state, hist, found = fallback
+                model.load_state_dict(state)
+                hist.attempts = [a for a in discarded if a["lr"] != hist.lr]
+                hist.selection = ("no candidate within the tolerance removes the backdoor evidence; kept the "
+                                  "accuracy rule's choice")
+                return hist, [f"backdoor evidence remains in every candidate within the "
+                              f"{self.guard_tolerance:g}-point tolerance ({_tried(discarded)}, and {kept}); "
+                              f"kept lr {hist.lr:g} as the accuracy rule would. {offer}"], found
+            warnings = [f"no candidate within the tolerance removes the backdoor evidence; {offer}"]
+        else:
+            warnings = []
+        hist.best_epoch, hist.attempts = 0, discarded  # epoch 0: the model as it was before fine-tuning
+        return hist, warnings + [
+            f"fine-tuning discarded: at every learning rate tried ({_tried(discarded)}) its best "
+            f"epoch was more than {self.guard_tolerance:g} points below the original model's "
+            f"{100 * base / n:.1f}% on validation data (diverged or over-fitted); "
+            f"the output is {kept}, as before fine-tuning"], start_found
 
 
-def _scanner(spec: bool | str | Scan | None) -> Scan | None:
-    """The scan `RunOptions.scan` asks for (None when scanning is off)."""
+def _scanner(spec: ScanSpec) -> Scan | None:
+    """The scan a defense's `scan` asks for (None when scanning is off)."""
     if spec is None or spec is False:
         return None
     return resolve("scan", None if spec is True else spec, what="`scan`")
@@ -293,7 +352,28 @@ def _scan(scanner: Scan, model: nn.Module, clean: Dataset, val: Dataset, run: Ru
 
 def _tried(attempts: list[dict]) -> str:
     return ", ".join(f"lr {a['lr']:g}: " + ("diverged" if a["diverged"] else f"{100 * a['best_val_acc']:.1f}%")
+                     + (f", evidence in class {', '.join(map(str, a['evidence']))}" if a.get("evidence") else "")
                      for a in attempts)
+
+
+def _selected(hist: TrainHistory, discarded: list[dict]) -> str:
+    """Why an evidence-free run was kept."""
+    why = f"lr {hist.lr:g} is within the tolerance and the scan finds no backdoor evidence in it"
+    passed = [a for a in discarded if a.get("reason") == "evidence"]
+    if passed:
+        why += f"; within the tolerance but with evidence, not kept: {_tried(passed)}"
+    return why
+
+
+def _offer(discarded: list[dict], base: int, n: int) -> str:
+    """The best run outside the tolerance that the scan finds free of evidence, with its cost."""
+    free = [a for a in discarded if "evidence" in a and not a["evidence"] and not a["diverged"]]
+    if not free:
+        return "no run tried removes it either."
+    best = max(free, key=lambda a: a["best_val_acc"])
+    cost = 100 * (base / n - best["best_val_acc"])
+    return (f"lr {best['lr']:g} removes it at {cost:.1f} points of validation accuracy "
+            f"(raise `tolerance` to {cost:.1f} to accept that).")
 
 
 def _retried(discarded: list[dict], hist: TrainHistory) -> str:
@@ -310,6 +390,7 @@ class Pruning(_Defense):
     layer: str | None = None
     stop_rule: StopRuleSpec = None  # a stop-rule spec (purify.stop_rules); None: the default
     criterion: CriterionSpec = None  # the pruning order, a criterion spec (purify.criteria); None: the default
+    scan: ScanSpec = None  # backdoor scans before and after (None/False: none; True: the default scan)
     method = "prune"
 
     def fit(self, model: nn.Module, clean_val: Dataset, triggered: TriggeredSet | None = None,
@@ -329,6 +410,8 @@ class FineTuning(_Defense):
     recipe: RecipeSpec = None  # a recipe spec (purify.recipes); None: the default
     precision: str | None = None  # "fp32", "bf16", "fp16" (fineprune.precision); None: finetune's own
     tolerance: float | None = None  # the accuracy guard's tolerance, points; None: `threshold`'s value
+    scan: ScanSpec = None  # backdoor scans before and after (None/False: none; True: the default scan)
+    select: str = "evidence"  # with a scan: how the kept candidate is chosen (SELECTIONS)
     method = "fine-tune"
 
     def fit(self, model: nn.Module, clean_train: Dataset, clean_val: Dataset,
@@ -349,6 +432,8 @@ class FinePruning(_Defense):
     criterion: CriterionSpec = None
     precision: str | None = None  # "fp32", "bf16", "fp16" (fineprune.precision); None: finetune's own
     tolerance: float | None = None  # the accuracy guard's tolerance, points; None: `threshold`'s value
+    scan: ScanSpec = None  # backdoor scans before and after (None/False: none; True: the default scan)
+    select: str = "evidence"  # with a scan: how the kept candidate is chosen (SELECTIONS)
     method = "fine-prune"
 
     def fit(self, model: nn.Module, clean_train: Dataset, clean_val: Dataset,
@@ -373,6 +458,8 @@ def defend(
     run: RunOptions | None = None,
     precision: str | None = None,
     tolerance: float | None = None,
+    scan: ScanSpec = None,
+    select: str = "evidence",
 ) -> DefenseResult:
     """Run one defense by name ("fine-prune", "prune" or "fine-tune") on a copy of `model`.
 
@@ -387,17 +474,21 @@ def defend(
     methods` lists them); None is each family's default. `run`: how it runs (RunOptions: nothing
     that changes the result); `precision`: fine-tuning's arithmetic, "fp32" (exact), "bf16" or
     "fp16" (mixed precision, `fineprune.precision`; None: `finetune`'s own, fp32 by default; the
-    sweep and all evaluation stay fp32; prune ignores it).
+    sweep and all evaluation stay fp32; prune ignores it). `scan`: a backdoor scan before and after
+    the defense (None / False: none; True: the scan family's default; or a scan spec), recorded in
+    `DefenseResult.scans`; with `select` "evidence" (the default) it also chooses among
+    fine-tuning's candidates (see `_Defense._finetune`), with "accuracy" it only measures.
     """
     if method == "prune":
-        return Pruning(threshold, layer, stop_rule, criterion).fit(model, clean_val, triggered, run)
+        return Pruning(threshold, layer, stop_rule, criterion, scan=scan).fit(model, clean_val, triggered, run)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     if clean_train is None:
         raise ValueError(f"method {method!r} needs clean training data for fine-tuning")
     if method == "fine-tune":
-        defense = FineTuning(finetune, threshold, lr_factors, recipe, precision=precision, tolerance=tolerance)
+        defense = FineTuning(finetune, threshold, lr_factors, recipe, precision=precision, tolerance=tolerance,
+                             scan=scan, select=select)
         return defense.fit(model, clean_train, clean_val, triggered, run)
     defense = FinePruning(threshold, layer, finetune, lr_factors, recipe, stop_rule, criterion, precision=precision,
-                          tolerance=tolerance)
+                          tolerance=tolerance, scan=scan, select=select)
     return defense.fit(model, clean_train, clean_val, triggered, run)

@@ -38,6 +38,7 @@ class Decision:
     flagged_before: tuple[int, ...] | None = None
     flagged_after: tuple[int, ...] | None = None
     evidence: str | None = None
+    selection: str = ""  # why fine-tuning's candidate was kept, when the scan took part in choosing
 
     @property
     def evidence_remains(self) -> bool:
@@ -82,13 +83,17 @@ def decision_of(result: DefenseResult) -> Decision:
                     discarded=discarded, scan=after.method if after is not None else None,
                     flagged_before=tuple(before.flagged) if before is not None else None,
                     flagged_after=tuple(after.flagged) if after is not None else None,
-                    evidence=after.verdict() if after is not None else None)
+                    evidence=after.verdict() if after is not None else None,
+                    selection=getattr(hist, "selection", "") if hist is not None else "")
 
 
 def _run_words(attempt: dict) -> str:
     lr = f"lr {attempt['lr']:g}"
     if attempt.get("diverged"):
         return f"{lr} (diverged)"
+    if attempt.get("reason") == "evidence":
+        return (f"{lr} (best epoch {100 * attempt['best_val_acc']:.1f}% on validation data, within the tolerance, "
+                f"but the scan still flags class {', '.join(map(str, attempt.get('evidence', [])))})")
     return f"{lr} (best epoch {100 * attempt['best_val_acc']:.1f}% on validation data)"
 
 
@@ -145,13 +150,20 @@ def _action(d: Decision) -> str:
         tuned = (f"then fine-tuned at lr {d.lr:g} (epoch {d.epoch} kept)" if pruned
                  else f"Fine-tuned all weights on the clean data at lr {d.lr:g} (epoch {d.epoch} kept)")
         if d.discarded:
-            tuned += f" after the accuracy guard discarded {discarded_words(d)}"
+            tuned += f" after {_not_kept(d)} {discarded_words(d)}"
         return (f"{pruned}, {tuned}." if pruned else f"{tuned}.") + \
             (f" The output is {d.output}." if pruned and not d.pruned else "")
-    gone = f"the accuracy guard discarded fine-tuning at every learning rate tried, {discarded_words(d)}"
+    gone = f"{_not_kept(d)} fine-tuning at every learning rate tried, {discarded_words(d)}"
     if pruned:
         return f"{pruned}; {gone}, so the output is {d.output}."
     return f"{gone[0].upper()}{gone[1:]}, so the output is {d.output}."
+
+
+def _not_kept(d: Decision) -> str:
+    """Who set the runs aside: the accuracy guard alone, or with the scan's evidence."""
+    if any(a.get("reason") == "evidence" for a in d.discarded):
+        return "the accuracy guard and the backdoor scan set aside"
+    return "the accuracy guard discarded"
 
 
 def _pct(v: float) -> str:

@@ -165,7 +165,6 @@ def defend_files(job: DefendJob, *, progress: bool | Progress = False) -> Defend
 
     say(f"[4/{PHASES}] running {job.method} on {device}")
     options = RunOptions(device=device, seed=job.seed, progress=progress, resume=bool(job.resume),
-                         scan=None if job.no_scan else job.scan,
                          max_cache_mb=job.max_cache_mb, workers=job.workers or 0,
                          checkpoint_path=None if job.method == "prune" else Path(job.out).expanduser() / CHECKPOINT_NAME,
                          sweep_checkpoint_path=None if job.method == "fine-tune"
@@ -173,6 +172,7 @@ def defend_files(job: DefendJob, *, progress: bool | Progress = False) -> Defend
     result = defend(model, train_ds, val_ds, job.method, triggered=triggered, layer=job.layer,
                     threshold=job.threshold, finetune=job.finetune_config(), recipe=job.recipe,
                     criterion=job.criterion, stop_rule=job.stop_rule, run=options, tolerance=job.tolerance,
+                    scan=None if job.no_scan else job.scan, select=job.select,
                     lr_factors=parse_lr_factors(job.lr_factors) if job.lr_factors else LR_FACTORS)
     timings.update(result.timings)
     timings["defense"] = result.seconds

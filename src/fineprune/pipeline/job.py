@@ -87,6 +87,7 @@ class DefendJob:
     scan: str | None = None  # the backdoor scan before and after, a spec (None: the scan family's default)
     no_scan: bool = False  # skip the scans
     fail_on_evidence: bool = False  # exit EXIT_EVIDENCE when the scan still flags a class after the defense
+    select: str = "evidence"  # with the scan: how fine-tuning's kept candidate is chosen (defense.api.SELECTIONS)
 
     def validate(self) -> "DefendJob":
         """Raise BadInputError (one line, with the fix) for any unusable option; return self."""
@@ -107,6 +108,10 @@ class DefendJob:
             load_plugins(self.plugins)
         for family in METHOD_FIELDS:
             setattr(self, family, canonical(family, getattr(self, family)))
+        from ..defense.api import SELECTIONS
+
+        if self.select not in SELECTIONS:
+            raise BadInputError(f"`select` must be one of {', '.join(SELECTIONS)}, not {self.select!r}")
         if self.no_scan and self.scan is not None:
             raise BadInputError("`scan` and `no_scan` contradict each other; give one")
         if self.fail_on_evidence and self.no_scan:
@@ -200,7 +205,7 @@ class DefendJob:
         added after the first runs only when they differ from their defaults, so earlier runs'
         command lines stay as they were)."""
         later = {**{f: default(f).spec() for f in (*METHOD_FIELDS, "scan")}, "precision": DEFAULT_PRECISION,
-                 "channels_last": False, "image_check": "decode"}
+                 "channels_last": False, "image_check": "decode", "select": "evidence"}
         args = ["fineprune", "defend"]
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
