@@ -140,3 +140,20 @@ def test_other_criteria_and_the_bound_stop_rule_run_through_the_same_exact_sweep
             assert next(iter(bad.values())) in str(exc)
         else:
             raise AssertionError(f"{bad} accepted")
+
+
+def test_epoch_asr_off_measures_nothing_per_epoch_and_changes_nothing_else():
+    """Grid cells turn the per-epoch triggered evaluation off: the same weights and choices, only
+    the curve's ASR points are missing."""
+    from fineprune import RunOptions
+
+    model, train_ds, val = _setup()
+    x, y = val.tensors
+    trig = TriggeredSet(x[:40], y[:40], (y[:40] + 1) % 10)
+    cfg = TrainConfig(epochs=2, lr=0.01, batch_size=32)
+    on = defend(model, train_ds, val, "fine-prune", triggered=trig, finetune=cfg)
+    off = defend(model, train_ds, val, "fine-prune", triggered=trig, finetune=cfg, run=RunOptions(epoch_asr=False))
+    assert all(e.asr is not None for e in on.finetune.epochs) and all(e.asr is None for e in off.finetune.epochs)
+    assert on.after == off.after and on.finetune.best_epoch == off.finetune.best_epoch
+    a, b = on.model.state_dict(), off.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

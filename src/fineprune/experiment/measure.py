@@ -16,15 +16,16 @@ from .vocabulary import DEFENSES
 
 def defend_one(setup: TaskSetup, attack_name: str, model: nn.Module, info: dict, defense: str,
                threshold: float, recipe: str | None = None, criterion: str | None = None,
-               stop_rule: str | None = None, lr_factors: tuple[float, ...] = LR_FACTORS
-               ) -> tuple[dict, DefenseResult | None]:
+               stop_rule: str | None = None, lr_factors: tuple[float, ...] = LR_FACTORS,
+               epoch_asr: bool = True) -> tuple[dict, DefenseResult | None]:
     """Run `defense` (a noun of `DEFENSES`) on `model` with the defender's clean data; measure it
     on the test split. Returns the results row (task, attack, defense, clean_acc, asr, robust_acc,
     pruned_fraction, seconds, ...) and the defense's result (None for "none"). `recipe`,
     `criterion`, `stop_rule`: method specs (`fineprune.purify`; None: each family's default). A
     method the defense used is recorded in the row, as its canonical spec under its family and
     fully resolved under "methods", unless it is the paper's (so rows of the paper's fine-pruning
-    are as they always were)."""
+    are as they always were). `epoch_asr`: measure the triggered validation set after every
+    fine-tuning epoch (curves only; the row never uses it)."""
     if defense not in DEFENSES:
         raise ValueError(f"defense must be one of {', '.join(DEFENSES)}, not {defense!r}")
     # Fine-tuning's dropout draws from the global RNG: seed it here, so a row does not depend on
@@ -36,7 +37,7 @@ def defend_one(setup: TaskSetup, attack_name: str, model: nn.Module, info: dict,
         model, setup.defender_train, setup.defender_val, method, triggered=setup.trig_val,
         threshold=threshold, finetune=setup.ft_cfg, recipe=recipe,
         criterion=criterion, stop_rule=stop_rule, lr_factors=lr_factors,
-        run=RunOptions(device=setup.device, seed=setup.seed))
+        run=RunOptions(device=setup.device, seed=setup.seed, epoch_asr=epoch_asr))
     for warning in [] if res is None else res.warnings:  # logged; the row keeps its fields
         as_progress(setup.progress).log(f"  {setup.task.name} {attack_name} {defense}: warning: {warning}")
     m = evaluate(model if res is None else res.model, setup.data.test, setup.trig_test, setup.device)

@@ -97,7 +97,8 @@ def run_cell(cell: dict, model: dict) -> dict:
     row, _ = defend_one(setup, params["attack"], net, model.get("info", {}), params["defense"], threshold,
                         # an axis collapsed to None does not apply to this defense: the paper's then
                         **{f: params.get(f) or paper(f).spec() for f in ("recipe", "criterion", "stop_rule")},
-                        lr_factors=parse_lr_factors(params.get("lr_factors") or format_lr_factors(LR_FACTORS)))
+                        lr_factors=parse_lr_factors(params.get("lr_factors") or format_lr_factors(LR_FACTORS)),
+                        epoch_asr=False)  # a row records the final test metrics only
     for k in ("task", "attack", "defense"):
         row.pop(k, None)
     row["cell_seconds"] = round(time.perf_counter() - t0, 3)
