@@ -15,7 +15,6 @@ chose, never code shipped inside the file. The spec names that code in one of th
 """
 from __future__ import annotations
 
-import ast
 import difflib
 import importlib
 import inspect
@@ -24,6 +23,7 @@ from typing import Any, Callable, TypeVar
 from torch import nn
 
 from fineprune.errors import BadInputError
+from fineprune.specs import split_spec
 
 __all__ = ["BUILTIN", "register_arch", "build_arch", "SPEC_FORMS"]
 
@@ -106,23 +106,17 @@ def _torchvision(name: str, num_classes: int) -> nn.Module:
         raise BadInputError(f"torchvision:{name} cannot be built with num_classes={num_classes}: {e}") from e
 
 
-def _timm_kwargs(parts: list[str], spec: str) -> dict[str, Any]:
-    """`key=value` pairs of a timm spec; values are literals (ast.literal_eval, else the string)."""
-    kwargs: dict[str, Any] = {}
-    for part in parts:
-        key, eq, raw = (t.strip() for t in part.partition("="))
-        if not eq or not key.isidentifier():
-            raise BadInputError(f"malformed `arch` {spec!r}: {part!r} is not key=value; "
-                                "expected timm:NAME,key=value,...")
+def _timm_kwargs(body: str, spec: str) -> tuple[str, dict[str, Any]]:
+    """The model name and `key=value` pairs of a timm spec, split by the one spec syntax
+    (`fineprune.specs`: values are literals, never code); keys that would bypass the user's file
+    or the data's counts are refused."""
+    name, kwargs = split_spec(body, f"`arch` {spec!r}")
+    for key in kwargs:
         if key in _TIMM_FORBIDDEN:
             raise BadInputError(f"`arch` {spec!r}: {key} cannot be set here (the weights come from the "
                                 "model file only, and `num_classes` / the data set the class and "
                                 "channel counts)")
-        try:
-            kwargs[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            kwargs[key] = raw
-    return kwargs
+    return name, kwargs
 
 
 def _timm(body: str, num_classes: int, in_channels: int | None) -> nn.Module:
@@ -134,8 +128,7 @@ def _timm(body: str, num_classes: int, in_channels: int | None) -> nn.Module:
     except ImportError:
         raise BadInputError(f"`arch` {spec!r} needs timm, which is not installed: "
                             "pip install 'fineprune[timm]'") from None
-    name, *rest = (t.strip() for t in body.split(","))
-    kwargs = _timm_kwargs([r for r in rest if r], spec)
+    name, kwargs = _timm_kwargs(body, spec) if body.strip() else ("", {})
     arch_name = timm.models.split_model_name_tag(name)[0] if name else ""
     if not arch_name or not timm.is_model(arch_name):
         known = timm.list_models()

@@ -6,6 +6,7 @@ from pathlib import Path
 from ..defense.decision import DISCARDED, decision_of, finetune_words, headline
 from ..errors import as_flags
 from ..purify.registry import paper, resolve, summary
+from ..specs import format_value
 from ..purify.scan.report import CAVEAT
 from ..report.html import EvidenceBlock, FigureBlock, MetricRow, ReportData
 from .record import TORCHSCRIPT_NAME, RunRecord
@@ -42,13 +43,19 @@ def _method_words(family: str, options: dict) -> str:
     method = resolve(family, options)
     mark = " (the paper's)" if method.spec() == paper(family).spec() else ""
     about = summary(type(method))
-    return f"{method.spec()}{mark}: {about[:1].lower()}{about[1:]}"
+    return f"{method.spec()}{mark}: {about[:1].lower()}{about[1:]}{_every_option(method)}"
+
+
+def _every_option(method) -> str:
+    """The resolved options, every field included (what model.json records too)."""
+    opts = {k: v for k, v in method.options().items() if k != "name"}
+    return f" [{', '.join(f'{k}={format_value(v)}' for k, v in opts.items())}]" if opts else ""
 
 
 def _stop_rule_words(options: dict, threshold: float) -> str:
     rule = resolve("stop_rule", options)
     return (f"{rule.spec()}: stay within {threshold:g} points of the starting validation accuracy "
-            f"({summary(type(rule))})")
+            f"({summary(type(rule))}){_every_option(rule)}")
 
 
 def _summary(run: RunRecord) -> list[tuple[str, str]]:
@@ -70,7 +77,8 @@ def _summary(run: RunRecord) -> list[tuple[str, str]]:
                  ("stop rule", _stop_rule_words(r.methods["stop_rule"], r.threshold))]
     if r.finetune is not None:
         cfg = job.finetune_config()
-        recipe = _method_words("recipe", r.methods["recipe"]).split(":")[0]
+        recipe = _method_words("recipe", r.methods["recipe"]).split(":")[0] + _every_option(
+            resolve("recipe", r.methods["recipe"]))
         # The learning rate shown is the one the accuracy guard kept, not the configured one.
         rows.append(("fine-tuning", f"{cfg.epochs} epochs, {cfg.optimizer}, batch {cfg.batch_size}, recipe "
                                     f"{recipe}; {finetune_words(decision_of(r))}"))
