@@ -12,7 +12,7 @@ import warnings
 from ..defense.api import METHODS
 from ..errors import as_flags
 from ..purify.registry import help_line
-from .registry import FlagProgress, command
+from .registry import FlagProgress, add_preprocessing, command
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -34,19 +34,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     io.add_argument("--out", metavar="DIR", help="output folder (must be new or empty unless --force)")
     io.add_argument("--force", action="store_true", default=None, help="overwrite fineprune's files in --out")
     io.add_argument("--config", metavar="FILE", help="options from a TOML (or YAML) file; flags win")
-    pre = p.add_argument_group("preprocessing (inputs become floats in [0, 1], channels first)")
-    pre.add_argument("--mean", type=float, nargs="+", metavar="M", help="normalisation mean, per channel")
-    pre.add_argument("--std", type=float, nargs="+", metavar="S", help="normalisation std, per channel")
-    pre.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="resize images to H x W")
-    pre.add_argument("--image-mode", choices=("rgb", "grey"), help="read image folders as colour or "
-                     "greyscale (default: what the model's first convolution takes)")
-    pre.add_argument("--image-check", choices=("decode", "headers", "none"),
-                     help="how image folders are checked when listed: decode (default: every image once, "
-                          "unreadable ones skipped and counted in model.json, as an eager load would), headers "
-                          "(each file's header only; a file failing later stops the run, naming it) or none (no "
-                          "file opened, for network folders; needs --image-mode, and --input-size for mixed sizes)")
-    pre.add_argument("--audio-length", type=int, metavar="N", help="samples per waveform (wav folders)")
-    pre.add_argument("--sample-rate", type=int, metavar="HZ", help="expected wav sample rate")
+    add_preprocessing(p)
     d = p.add_argument_group("defense")
     d.add_argument("--method", choices=METHODS, help="fine-prune (default), prune or fine-tune")
     d.add_argument("--layer", metavar="NAME", help="module whose output is pruned (default: the last conv feature "

@@ -39,3 +39,20 @@ def add_threads(p: argparse.ArgumentParser) -> None:
                         "$OMP_NUM_THREADS when set: never more threads than cores, and the same count on every "
                         "run of a machine, since models trained with another count differ slightly (run.json "
                         "records it); on a busy machine fewer is faster, and a note in the terminal says so)")
+
+
+def add_preprocessing(p: argparse.ArgumentParser) -> None:
+    """The input preprocessing flags `defend` and `scan` share (DefendJob / Preprocessing fields)."""
+    pre = p.add_argument_group("preprocessing (inputs become floats in [0, 1], channels first)")
+    pre.add_argument("--mean", type=float, nargs="+", metavar="M", help="normalisation mean, per channel")
+    pre.add_argument("--std", type=float, nargs="+", metavar="S", help="normalisation std, per channel")
+    pre.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="resize images to H x W")
+    pre.add_argument("--image-mode", choices=("rgb", "grey"), help="read image folders as colour or "
+                     "greyscale (default: what the model's first convolution takes)")
+    pre.add_argument("--image-check", choices=("decode", "headers", "none"),
+                     help="how image folders are checked when listed: decode (default: every image once, "
+                          "unreadable ones skipped and counted in model.json, as an eager load would), headers "
+                          "(each file's header only; a file failing later stops the run, naming it) or none (no "
+                          "file opened, for network folders; needs --image-mode, and --input-size for mixed sizes)")
+    pre.add_argument("--audio-length", type=int, metavar="N", help="samples per waveform (wav folders)")
+    pre.add_argument("--sample-rate", type=int, metavar="HZ", help="expected wav sample rate")

@@ -13,7 +13,7 @@ import sys
 from datetime import UTC, datetime
 
 from ..purify.registry import help_line
-from .registry import FlagProgress, add_threads, command
+from .registry import FlagProgress, add_preprocessing, add_threads, command
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -28,14 +28,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     io.add_argument("--data-root", metavar="DIR", help="dataset folder for task:NAME data (default $FINEPRUNE_DATA)")
     io.add_argument("--out", metavar="DIR", required=True, help="output folder (must be new or empty unless --force)")
     io.add_argument("--force", action="store_true", help="overwrite fineprune's files in --out")
-    pre = p.add_argument_group("preprocessing (inputs become floats in [0, 1], channels first)")
-    pre.add_argument("--mean", type=float, nargs="+", metavar="M", help="normalisation mean, per channel")
-    pre.add_argument("--std", type=float, nargs="+", metavar="S", help="normalisation std, per channel")
-    pre.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="resize images to H x W")
-    pre.add_argument("--image-mode", choices=("rgb", "grey"), help="read image folders as colour or "
-                     "greyscale (default: what the model's first convolution takes)")
-    pre.add_argument("--audio-length", type=int, metavar="N", help="samples per waveform (wav folders)")
-    pre.add_argument("--sample-rate", type=int, metavar="HZ", help="expected wav sample rate")
+    add_preprocessing(p)
     s = p.add_argument_group("scan")
     s.add_argument("--method", metavar="SPEC", help="how to scan: " + help_line("scan"))
     s.add_argument("--plugin", dest="plugins", action="append", metavar="FILE",
@@ -51,7 +44,7 @@ def _args(p: argparse.ArgumentParser) -> None:
 def _command_line(args: argparse.Namespace) -> str:
     parts = ["fineprune", "scan"]
     for name in ("model", "arch", "num_classes", "data", "data_root", "out", "mean", "std", "input_size",
-                 "image_mode", "audio_length", "sample_rate", "method", "seed", "device", "workers"):
+                 "image_mode", "image_check", "audio_length", "sample_rate", "method", "seed", "device", "workers"):
         value = getattr(args, name, None)
         if value is None:
             continue
@@ -90,7 +83,7 @@ def scan_files(args: argparse.Namespace, progress) -> tuple[object, list]:
     expected = first_conv_channels(args.arch, loaded)
     image_mode = args.image_mode or {1: "grey", 3: "rgb"}.get(expected or 0)
     prep = Preprocessing(args.mean, args.std, tuple(args.input_size) if args.input_size else None,
-                         args.audio_length, args.sample_rate, image_mode)
+                         args.audio_length, args.sample_rate, image_mode, image_check=args.image_check or "decode")
     clean = load_input(args.data, prep, "clean", TaskSource(args.data_root, args.seed))
     labels = stream.labels_of(clean.dataset, args.workers or 0)
     num_classes = int(args.num_classes) if args.num_classes else max(len(clean.class_names), int(labels.max()) + 1)
