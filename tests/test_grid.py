@@ -371,7 +371,7 @@ def test_criterion_and_stop_rule_axes_expand_and_collapse_where_nothing_is_prune
 
 
 @pytest.mark.parametrize("raw, words", [
-    ({"axes": {"task": "mnist", "recipe": ["plain", "sam"]}}, "axis recipe: unknown fine-tuning recipe .sam. .did you mean ft-sam.*choose one of plain, augment, ft-sam, fst"),
+    ({"axes": {"task": "mnist", "recipe": ["plain", "sam"]}}, "axis recipe: unknown fine-tuning recipe .sam. .did you mean .*ft-sam.*choose one of plain, augment, ft-sam, fst"),
     ({"axes": {"task": "mnist", "criterion": "lipschitz"}}, "axis criterion: unknown pruning criterion .lipschitz.; choose one of activation, clp, anp"),
     ({"axes": {"task": "mnist", "stop_rule": ["paper", 3]}}, "axis stop_rule must be a spec NAME.*got 3"),
     ({"axes": {"attack": "badnets"}}, "task"),
