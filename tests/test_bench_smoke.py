@@ -78,3 +78,39 @@ def test_vit_sweep_tiny(tmp_path):
     assert data["tokens_replayed"] == [0] and data["tokens_total"] == 17
     assert data["equal_counts_sliced_vs_today_on_n_slow"] is True
     assert data["sliced_sweep_s"] > 0 and "today_sweep_s_extrapolated_to_n_fast" in data
+
+
+def test_scan_zoo_tiny(tmp_path, capsys):
+    """The scan detection zoo (issue 21 item 4) on the mnist task at a tiny size: one JSON line per
+    (model, scan), a rerun adds none (resumable), and the summary prints the FPR / TPR table."""
+    out = tmp_path / "zoo"
+    spec = "neural-cleanse,steps=10,samples=50"
+    args = ["run", "--out", str(out), "--tasks", "mnist", "--attacks", "clean", "badnets", "--seeds", "0",
+            "--subsample", "0.1", "--epochs", "1", "--scans", spec, "--quiet"]
+    _run("scan_zoo", args)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [(r["task"], r["attack"], r["seed"], r["scan"]) for r in rows] == [
+        ("mnist", "clean", 0, spec), ("mnist", "badnets", 0, spec)]
+    clean, bad = rows
+    for r in rows:
+        assert {"trigger", "rate", "flagged", "target", "exact", "target_flagged", "max_anomaly_index",
+                "seconds", "clean_acc", "asr", "model_fingerprint"} <= set(r)
+        assert r["seconds"] > 0 and r["threads"] == 1 and r["device"] == "cpu" and r["steps"] <= 10 * 10
+    assert clean["target"] is None and clean["trigger"] is None and not clean["exact"]
+    assert bad["target"] == 0 and bad["trigger"] == "task" and bad["rate"] == 0.1
+    assert bad["exact"] == (bad["flagged"] == [0]) and bad["target_flagged"] == (0 in bad["flagged"])
+    assert bad["model_fingerprint"] != clean["model_fingerprint"]
+    _run("scan_zoo", args)  # resumed: every (model, scan) is there already
+    assert (out / "results.jsonl").read_text().splitlines() == lines
+    assert not list(out.glob(".*.tmp"))
+    capsys.readouterr()
+    _run("scan_zoo", ["summary", "--out", str(out)])
+    text = capsys.readouterr().out
+    fpr = f"{100 * clean['detected']:.0f}%"
+    assert f"| mnist | clean | {spec} | 1 | - | {fpr} | - |" in text
+    assert f"| mnist | badnets | {spec} | 1 | {100 * bad['detected']:.0f}% | - | " in text
+    _run("scan_zoo", ["summary", "--out", str(out), "--json"])
+    table = json.loads(capsys.readouterr().out)
+    assert [(e["attack"], e["models"]) for e in table] == [("clean", 1), ("badnets", 1)]
+    assert table[1]["target_id_rate"] == float(bad["target_flagged"])
