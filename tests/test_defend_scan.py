@@ -135,7 +135,7 @@ def test_the_scan_chooses_among_candidates_within_the_tolerance(planted):
     assert hist.attempts[0]["reason"] == "evidence" and TARGET in hist.attempts[0]["evidence"]
     assert "finds no backdoor evidence" in hist.selection
     assert res.after.asr < 0.2  # measured only: the triggered set chose nothing
-    accuracy_only = _api(model, "sau,lr=0.003", (0.01, 1.0), select="accuracy")
+    accuracy_only = _api(model, "sau,lr=0.003", (0.01, 1.0), select="accuracy", epochs=5)
     assert accuracy_only.finetune.lr == pytest.approx(0.00003) and TARGET in accuracy_only.scans["after"].flagged
 
 
