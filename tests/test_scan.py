@@ -169,6 +169,42 @@ def test_anomaly_index_and_verdict_lines():
     assert "clean" not in none.replace("neural-cleanse", "")  # never a clean bill of health
 
 
+class _ViewFlatten(nn.Module):
+    """A network that views its activations as NCHW (`.view`), as some user models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 16 * 16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.fc(h.view(h.size(0), -1))
+
+
+def test_channels_last_is_used_where_it_is_safe_and_finds_the_same(backdoored, monkeypatch):
+    """The CPU scan feeds image models channels-last inputs (faster); a model that cannot take them
+    keeps the plain layout, and the layout changes a scan only by float rounding."""
+    from fineprune.purify.scan import inversion
+
+    model, clean = backdoored
+    x = clean.tensors[0]
+    cpu = torch.device("cpu")
+    assert inversion._pick_layout(tiny_cnn().eval(), x[:8], cpu) == torch.channels_last
+    odd = _ViewFlatten().eval()
+    assert inversion._pick_layout(odd, x[:8], cpu) == torch.contiguous_format
+    assert all(p.is_contiguous() for p in odd.parameters())  # converted back
+    res = resolve("scan", "k-arm,warmup=2,pulls=1,samples=60").run(odd, clean, 10, seed=0)
+    assert len(res.classes) == 10
+    spec = "k-arm,warmup=3,pulls=4,samples=100"
+    fast = resolve("scan", spec).run(model, clean, 10, seed=5)
+    monkeypatch.setattr(inversion, "_pick_layout", lambda *a: torch.contiguous_format)
+    plain = resolve("scan", spec).run(model, clean, 10, seed=5)
+    assert fast.flagged == plain.flagged
+    assert [c.steps for c in fast.classes] == [c.steps for c in plain.classes]
+    assert [c.size for c in fast.classes] == pytest.approx([c.size for c in plain.classes], rel=1e-3)
+
+
 def test_one_dimensional_inputs_scan_and_draw(tmp_path, one_thread):
     """Audio-shaped (N, C, L) inputs: the masks are 1-D and the pictures are curves."""
     from fineprune.purify.scan.report import write_scan_outputs
