@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import on_sys_path
-from test_scan import TARGET, TRIGGER, synthetic, tiny_cnn
+from test_scan import TARGET, TRIGGER, synthetic, train_planted
 
 from fineprune import defend
 from fineprune.attack.badnets import BadNets
@@ -18,7 +18,7 @@ from fineprune.attack.policy import AllToOne
 from fineprune.cli import main
 from fineprune.io.saving import save_weights
 from fineprune.pipeline.job import EXIT_EVIDENCE
-from fineprune.training import TrainConfig, train
+from fineprune.training import TrainConfig
 
 FAST_SCAN = "neural-cleanse,steps=100,samples=100"
 FACTORY = "from test_scan import tiny_cnn\n\ndef make(num_classes=10, in_channels=1):\n    return tiny_cnn()\n"
@@ -26,13 +26,7 @@ FACTORY = "from test_scan import tiny_cnn\n\ndef make(num_classes=10, in_channel
 
 @pytest.fixture(scope="module")
 def planted(one_thread, tmp_path_factory):
-    attack = BadNets(TRIGGER, AllToOne(TARGET), rate=0.1)
-    torch.manual_seed(0)
-    model = tiny_cnn()
-    train(model, attack.poison(synthetic(2000, 1)).dataset,
-          TrainConfig(epochs=4, lr=3e-3, optimizer="adam", weight_decay=0.0, schedule="constant"),
-          device=torch.device("cpu"), seed=0)
-    model.eval()
+    model, attack = train_planted()
     root = tmp_path_factory.mktemp("defend-scan")
     save_weights(model.state_dict(), root / "model.safetensors")
     x, y = synthetic(300, 3).tensors

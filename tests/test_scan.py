@@ -47,16 +47,22 @@ def make(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     return tiny_cnn()
 
 
-@pytest.fixture(scope="module")
-def backdoored(one_thread):
-    """The planted model (test ASR ~90%) and 300 clean inputs the attacker never saw."""
+def train_planted() -> tuple[nn.Module, BadNets]:
+    """The tiny CNN with the 3x3 patch backdoor (target 3, 10% poisoning), in eval mode, and its
+    attack; shared by the scan, defend-scan and unlearning tests."""
     attack = BadNets(TRIGGER, AllToOne(TARGET), rate=0.1)
     torch.manual_seed(0)
     model = tiny_cnn()
     train(model, attack.poison(synthetic(2000, 1)).dataset,
           TrainConfig(epochs=4, lr=3e-3, optimizer="adam", weight_decay=0.0, schedule="constant"),
           device=torch.device("cpu"), seed=0)
-    model.eval()
+    return model.eval(), attack
+
+
+@pytest.fixture(scope="module")
+def backdoored(one_thread):
+    """The planted model (test ASR ~90%) and 300 clean inputs the attacker never saw."""
+    model, attack = train_planted()
     triggered = attack.triggered(synthetic(500, 2))
     with torch.no_grad():
         assert (model(triggered.x).argmax(1) == TARGET).float().mean() > 0.8  # the backdoor is in

@@ -8,11 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 from test_criteria import _Planted
-from test_scan import TARGET, TRIGGER, synthetic, tiny_cnn
+from test_scan import synthetic, tiny_cnn, train_planted
 
 from fineprune import defend
-from fineprune.attack.badnets import BadNets
-from fineprune.attack.policy import AllToOne
 from fineprune.purify.registry import resolve
 from fineprune.training import TrainConfig, train
 
@@ -24,13 +22,8 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def planted(one_thread):
-    attack = BadNets(TRIGGER, AllToOne(TARGET), rate=0.1)
-    torch.manual_seed(0)
-    model = tiny_cnn()
-    train(model, attack.poison(synthetic(2000, 1)).dataset,
-          TrainConfig(epochs=4, lr=3e-3, optimizer="adam", weight_decay=0.0, schedule="constant"),
-          device=CPU, seed=0)
-    return model.eval(), attack.triggered(synthetic(300, 2)), synthetic(200, 3), synthetic(100, 4)
+    model, attack = train_planted()
+    return model, attack.triggered(synthetic(300, 2)), synthetic(200, 3), synthetic(100, 4)
 
 
 def _defend(planted, method: str, recipe: str, epochs: int = 20, **kw):
